@@ -1,0 +1,60 @@
+"""``dda``: diffuse part-way, then reverse with low-pass guidance toward the input.
+
+Gao, Zhang, Liu, Darrell, Shelhamer, Wang, "Back to the Source: Diffusion-Driven Adaptation to
+Test-Time Corruption", CVPR 2023. Each reverse step is pulled toward the input y through the
+low-frequency distance ``||phi(y) - phi(x0_hat)||`` with ``phi`` a low-pass filter (down- then
+up-sampling by ``D``). DDA was designed for corruptions; it is known to fail adversarially.
+
+[reconstructed] ``phi`` is average pooling then nearest upsampling (a symmetric projection; the code
+uses a bicubic resizer), and the pull is the x0-space step ``x0_hat -= scale * phi(x0_hat - y)`` of
+:mod:`harness.diffusion.sampler` (the code steps x_t along a gradient through the UNet, with a norm
+taken over the whole batch, which would couple images). ``scale = 1`` replaces the low frequencies of
+the prediction by those of the input, as ILVR (Choi et al., ICCV 2021) does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness.diffusion.purifier import ReversePurifier, entry_build, train_entry_ddpm
+from harness.registry import DefenseEntry, Kind
+
+
+def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool by ``factor`` then upsample back (a symmetric projection)."""
+    return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
+
+
+class DDA(ReversePurifier):
+    """DiffPure's sampler plus DDA's low-frequency guidance."""
+
+    guided = True
+
+    def __init__(self, loaded, *, scale: float, D: int, **kwargs):
+        super().__init__(loaded, scale=float(scale), D=int(D), **kwargs)
+        self.scale, self.factor = float(scale), int(D)
+
+    def guide(self, x0, t, ref):
+        return self.scale * low_pass(x0 - ref, self.factor)
+
+
+DDA_ENTRY = DefenseEntry(
+    name="dda",
+    version="1",
+    kind=Kind.PURIFIER,
+    paper="Back to the Source: Diffusion-Driven Adaptation to Test-Time Corruption (Gao et al., CVPR 2023)",
+    citation="Gao, Zhang, Liu, Darrell, Shelhamer, Wang. CVPR 2023. arXiv 2207.03442",
+    build=entry_build(DDA, ("tstar", "steps", "scale", "D")),
+    datasets=("cifar10", "cifar100"),
+    stochastic=True,
+    differentiable=True,
+    presets={
+        "small": {"ddpm": "small", "tstar": 0.5, "steps": 10, "scale": 1.0, "D": 4, "sampler": "ddpm"},
+        "paper": {"ddpm": "paper", "tstar": 0.5, "steps": 50, "scale": 1.0, "D": 4, "sampler": "ddpm"},
+        "tiny": {"ddpm": "tiny", "tstar": 0.5, "steps": 3, "scale": 1.0, "D": 4, "sampler": "ddpm"},
+    },
+    train=train_entry_ddpm,
+    reported=(),
+    description="Partial diffusion with low-pass guidance toward the input (a corruption method).",
+)

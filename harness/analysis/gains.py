@@ -1,0 +1,153 @@
+"""Robust gain under fixed vs fresh randomness, and its correlation with the compression rate
+(Liu & Wei, arXiv 2505.22839, findings (c) and (d)), as tables, a scatter plot and report sections.
+
+``gain = robust accuracy of the defense - robust accuracy of the undefended classifier`` (defense
+``none``) on the same dataset, classifier, threat model and eps. Per protocol the strongest attack
+counts (lowest seed-averaged robust accuracy). Analysis records (:func:`harness.analysis.fixed_randomness.analyse`)
+are stored as JSON files next to the results, one per (defense, preset, options, dataset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from markupsafe import Markup  # noqa: E402
+
+__all__ = ["PROTOCOL_COLUMNS", "ScatterPoint", "gain_table", "save_record", "load_records",
+           "scatter_points", "compression_scatter", "report_sections"]
+
+PROTOCOL_COLUMNS = {"non-adaptive": "non_adaptive", "bpda": "bpda", "adaptive": "fixed", "adaptive-eot": "fresh"}
+_GROUP = ["dataset", "classifier", "threat", "eps_text"]
+_SETTING = _GROUP + ["defense", "preset", "defense_options"]
+
+
+def gain_table(cells: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
+    """One row per defense setting: robust accuracy per protocol, the baseline, and the gains under
+    fixed (``adaptive``) and fresh (``adaptive-eot``) randomness, in [0, 1]."""
+    done = cells[(cells["status"] == "done") & cells["protocol"].isin(list(PROTOCOL_COLUMNS))]
+    if done.empty:
+        return pd.DataFrame()
+    done = done.fillna({"preset": "", "defense_options": ""})
+    per_attack = done.groupby(_SETTING + ["protocol", "attack_label"], dropna=False)["robust_acc"].mean()
+    strongest = per_attack.groupby(level=list(range(len(_SETTING) + 1))).min().unstack("protocol")
+    strongest = strongest.rename(columns=PROTOCOL_COLUMNS).reset_index()
+    base = strongest[strongest["defense"] == baseline]
+    base_acc = base.set_index(_GROUP)[[c for c in PROTOCOL_COLUMNS.values() if c in base]].min(axis=1)
+    table = strongest[strongest["defense"] != baseline].copy()
+    table["baseline"] = [base_acc.get(tuple(row[_GROUP]), math.nan) for _, row in table.iterrows()]
+    for col in PROTOCOL_COLUMNS.values():
+        if col not in table:
+            table[col] = math.nan
+    table["gain_fixed"] = table["fixed"] - table["baseline"]
+    table["gain_fresh"] = table["fresh"] - table["baseline"]
+    return table.reset_index(drop=True)
+
+
+def _options_of(defense_options: str) -> dict[str, Any]:
+    """The ``--option`` values inside a cells-frame ``defense_options`` string (JSON or empty)."""
+    return dict(json.loads(defense_options).get("options") or {}) if defense_options else {}
+
+
+def _record_name(meta: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16] + ".json"
+
+
+def save_record(folder: str | Path, meta: Mapping[str, Any], record: Mapping[str, Any]) -> Path:
+    """Store an analysis ``record`` under ``folder``, named by a hash of ``meta`` (which must hold
+    ``defense``, ``preset``, ``options`` (the ``--option`` dict) and ``dataset``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _record_name(meta)
+    path.write_text(json.dumps({"meta": dict(meta), "record": dict(record)}, indent=1, default=str))
+    return path
+
+
+def load_records(folder: str | Path) -> list[dict[str, Any]]:
+    folder = Path(folder)
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+@dataclass(frozen=True)
+class ScatterPoint:
+    label: str
+    compression: float
+    gain: float
+
+
+def scatter_points(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], *, norm: str = "linf",
+                   radius: float = 8 / 255, gain: str = "gain_fixed") -> list[ScatterPoint]:
+    """Join analysis records (random-direction compression at ``norm``/``radius``) with ``table`` rows."""
+    points = []
+    for item in records:
+        meta = item["meta"]
+        rates = [c["compression"] for c in item["record"]["compression"]
+                 if c["kind"] == "random" and c["norm"] == norm and math.isclose(c["radius"], radius)]
+        options = dict(meta.get("options") or {})
+        same = [(row["defense"], row["dataset"], row["preset"]) == (meta["defense"], meta["dataset"], meta["preset"])
+                and _options_of(row["defense_options"]) == options for _, row in table.iterrows()]
+        rows = table[same]
+        if rates and not rows.empty and not pd.isna(rows[gain].iloc[0]):
+            label = meta["defense"] + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+            points.append(ScatterPoint(label, float(rates[0]), float(rows[gain].iloc[0])))
+    return points
+
+
+def compression_scatter(points: Sequence[ScatterPoint], path: str | Path,
+                        ylabel: str = "robust gain, fixed randomness") -> tuple[Path, float]:
+    """Scatter of compression rate vs robust gain; returns the PNG path and Pearson's r (NaN with
+    fewer than two points or no variance)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    xs = np.array([p.compression for p in points], dtype=float)
+    ys = np.array([p.gain for p in points], dtype=float)
+    r = float(np.corrcoef(xs, ys)[0, 1]) if len(points) > 1 and xs.std() > 0 and ys.std() > 0 else math.nan
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(xs, 100 * ys)
+    for p in points:
+        ax.annotate(p.label, (p.compression, 100 * p.gain), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("compression rate 1 - kappa")
+    ax.set_ylabel(f"{ylabel} (points)")
+    ax.set_title(f"Pearson r = {r:.3f}" if not math.isnan(r) else "Pearson r: n/a")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, r
+
+
+def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list:
+    """:class:`harness.report.ExtraSection` s for the HTML report: the fixed-vs-fresh table and the
+    compression scatter (written to ``out_dir/figures``)."""
+    from harness.report.html import ExtraSection
+
+    if table.empty:
+        return []
+    shown = table[_SETTING + list(PROTOCOL_COLUMNS.values()) + ["baseline", "gain_fixed", "gain_fresh"]]
+    html = Markup(shown.to_html(index=False, escape=True, float_format=lambda v: f"{100 * v:.2f}",
+                                na_rep="-", classes="table"))
+    sections = [ExtraSection(
+        title="Robust gain under fixed vs fresh randomness",
+        html=html,
+        text="Robust accuracy (%) per protocol: non-adaptive; BPDA; adaptive with fixed per-sample randomness "
+             "and exact gradients (fixed); adaptive EOT with fresh randomness (fresh). Gain = defense minus the "
+             "undefended classifier (Liu & Wei, arXiv 2505.22839).")]
+    points = scatter_points(table, records)
+    if points:
+        path, r = compression_scatter(points, Path(out_dir) / "figures" / "compression_vs_gain.png")
+        sections.append(ExtraSection(
+            title="Compression rate vs robust gain (fixed randomness)",
+            text=f"l_inf compression at radius 8/255 with the purifier's noise fixed; Pearson r = {r:.3f} "
+                 f"over {len(points)} settings.",
+            images=(str(path.relative_to(Path(out_dir))),),
+            caption="Each point is one defense setting."))
+    return sections

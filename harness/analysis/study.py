@@ -1,0 +1,79 @@
+"""Run the fixed-randomness analyses for one defense setting and store the record.
+
+:func:`run_study` builds the defense exactly as ``harness run`` does (same entry, preset, options and
+classifier), attacks the first ``n`` test images with the fixed-randomness adaptive protocol (for the
+adversarial distances and compression), runs :func:`harness.analysis.fixed_randomness.analyse` and
+saves the record with :func:`harness.analysis.gains.save_record`, where the report picks it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from harness.analysis.fixed_randomness import analyse
+from harness.analysis.gains import save_record
+from harness.artifacts import ArtifactCache
+from harness.attacks.factory import build_attack
+from harness.building import build_defense, resolve_preset
+from harness.classifiers import DEFAULT_CLASSIFIER, resolve_classifier
+from harness.data import load_split
+from harness.paths import harness_home
+from harness.protocols import get_protocol
+from harness.registry import default_registry
+from harness.threat import Epsilon, ThreatModel
+
+__all__ = ["StudyRequest", "run_study", "default_folder"]
+
+
+def default_folder() -> Path:
+    """``<harness home>/analyses/fixed-randomness``."""
+    return harness_home() / "analyses" / "fixed-randomness"
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    defense: str
+    dataset: str = "cifar10"
+    classifier: str = DEFAULT_CLASSIFIER
+    preset: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    n: int = 32
+    seed: int = 0
+    threat: str = "linf"
+    eps: str = "8/255"
+    attack: Mapping[str, Any] = field(default_factory=lambda: {"name": "pgd", "steps": 20})
+    radii: Sequence[float] = (2 / 255, 4 / 255, 8 / 255)
+    spread_seeds: Sequence[int] = (0, 1, 2)
+    data_root: str | None = None
+    artifact_root: str | None = None
+    progress: bool = True
+
+
+def run_study(request: StudyRequest, folder: str | Path | None = None) -> Path:
+    """Analyse ``request.defense`` on the first ``n`` test images; return the stored record's path."""
+    entry = default_registry().get(request.defense)
+    test = load_split(request.dataset, "test", request.data_root)
+    artifacts = ArtifactCache(request.artifact_root)
+    classifier = resolve_classifier(request.classifier, test.info, artifacts=artifacts,
+                                    data_root=request.data_root, threat=request.threat,
+                                    progress=request.progress)
+    preset = resolve_preset(entry, request.preset if entry.presets else None)
+    defense = build_defense(entry, preset, classifier, test.info, artifacts, options=request.options,
+                            data_root=request.data_root, progress=request.progress)
+    indices = torch.arange(min(request.n, len(test.labels)))
+    x, y = test.float_images(indices), test.labels[indices]
+    threat = ThreatModel(request.threat, Epsilon.parse(request.eps))
+    attack = build_attack(request.attack, threat)
+    adversarial = get_protocol("adaptive").run(entry, defense, attack, x, y, indices, request.seed).x_adv
+    record = analyse(defense.purify, x, indices, seed=request.seed, radii=request.radii,
+                     spread_seeds=request.spread_seeds, spread_radius=threat.eps.value, x_adv=adversarial)
+    record.update(attack=attack.params(), eps=request.eps, threat=request.threat,
+                  provenance=getattr(defense.purifier, "provenance", {}))
+    meta = {"defense": entry.name, "version": entry.version, "preset": preset or "",
+            "options": dict(request.options), "dataset": test.info.name, "classifier": classifier.id,
+            "fingerprint": test.fingerprint}
+    return save_record(folder or default_folder(), meta, record)

@@ -1,0 +1,138 @@
+"""The shared base of diffusion purifiers, and how entries obtain their UNet.
+
+A :class:`DiffusionPurifier` wraps a frozen noise-prediction UNet and its schedule. Subclasses
+implement ``purify(x, noise)`` on images in [-1, 1]; all randomness comes from the
+:class:`~harness.noise.NoiseDraws` of the call, and with ``batch_invariant`` (default) the UNet sees one
+image at a time, so an image's output never depends on the batch it is in (batched convolutions on
+CPU differ from single-image ones in the last bits).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from harness.artifacts import ArtifactCache
+from harness.context import BuildContext, TrainContext
+from harness.diffusion.model import LoadedUNet, load_unet, unet_from_state
+from harness.diffusion.sampler import SAMPLERS, Schedule
+from harness.diffusion.train import DDPM_RECIPE_VERSION, shared_ddpm
+from harness.errors import UsageError
+from harness.noise import NoiseDraws
+from harness.registry import Defense, Purifier
+
+__all__ = ["SAMPLER_OPTIONS", "DiffusionPurifier", "ReversePurifier", "entry_build", "resolve_options",
+           "load_entry_unet", "train_entry_ddpm"]
+
+SAMPLER_OPTIONS = ("unet", "sampler", "eta", "checkpoint", "batch_invariant")
+
+
+def resolve_options(config: Mapping[str, Any], options: Mapping[str, Any],
+                    allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The preset's values overridden by ``--option`` values; unknown option names are an error."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed)}")
+    return {**{k: config[k] for k in allowed if k in config}, **options}
+
+
+def train_entry_ddpm(ctx: TrainContext) -> dict[str, torch.Tensor]:
+    """An entry's ``train`` recipe: the dataset's shared DDPM (trained once, reused by every entry)."""
+    preset = ctx.config["ddpm"]
+    return shared_ddpm(ArtifactCache(), preset, ctx.train_split, ctx.seed, progress=ctx.progress).load()
+
+
+def load_entry_unet(ctx: BuildContext, opts: Mapping[str, Any]) -> LoadedUNet:
+    """The UNet named by option ``unet`` (``hf:<repo>`` or a folder), else the entry's trained DDPM."""
+    source = opts.get("unet") or ""
+    if source:
+        return load_unet(str(source))
+    preset = ctx.config["ddpm"]
+    return unet_from_state(preset, ctx.weights(), ctx.dataset.image_shape,
+                           {"source": f"trained:{preset}", "kind": "harness",
+                            "recipe_version": DDPM_RECIPE_VERSION})
+
+
+class DiffusionPurifier(Purifier):
+    """Base of diffusion purifiers: UNet evaluation, schedule and sampler options.
+
+    ``provenance`` (the UNet's source and the sampler settings) is meant to be stored with each cell.
+    """
+
+    def __init__(self, loaded: LoadedUNet, *, sampler: str = "ddpm", eta: float | None = None,
+                 use_checkpoint: bool = True, batch_invariant: bool = True, **settings: Any):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        self.unet = loaded.unet
+        self.schedule = Schedule(loaded.scheduler.alphas_cumprod.float().clone())
+        self.eta = float(SAMPLERS[sampler] if eta is None else eta)
+        self.use_checkpoint = bool(use_checkpoint)
+        self.batch_invariant = bool(batch_invariant)
+        self.provenance = {"unet": loaded.provenance, "sampler": sampler, "eta": self.eta,
+                           "checkpoint": self.use_checkpoint, "batch_invariant": self.batch_invariant,
+                           **settings}
+
+    @classmethod
+    def from_options(cls, loaded: LoadedUNet, opts: Mapping[str, Any], **settings: Any) -> "DiffusionPurifier":
+        """Build with the shared :data:`SAMPLER_OPTIONS` taken from ``opts`` plus ``settings``."""
+        return cls(loaded, sampler=str(opts.get("sampler", "ddpm")), eta=opts.get("eta"),
+                   use_checkpoint=bool(opts.get("checkpoint", True)),
+                   batch_invariant=bool(opts.get("batch_invariant", True)), **settings)
+
+    def eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Predicted noise at timestep ``t`` for ``x`` (diffusion scale, [-1, 1] data)."""
+        if not self.batch_invariant:
+            return self.unet(x, t).sample
+        return torch.cat([self.unet(x[i:i + 1], t).sample for i in range(len(x))])
+
+    def purify(self, x: torch.Tensor, noise: NoiseDraws) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, noise: NoiseDraws) -> torch.Tensor:
+        out = self.purify(x * 2 - 1, noise)
+        return ((out + 1) / 2).clamp(0, 1)
+
+
+class ReversePurifier(DiffusionPurifier):
+    """Start at t* (the input diffused there, or pure noise with ``from_noise``) and run ``steps``
+    reverse steps to 0, optionally guided toward the input by :meth:`guide`.
+
+    Draw 0 is the starting noise, draw k (k >= 1) the noise of reverse step k.
+    """
+
+    guided = False  # subclasses that override guide() set this
+
+    def __init__(self, loaded: LoadedUNet, *, tstar: float, steps: int, from_noise: bool = False,
+                 **kwargs: Any):
+        super().__init__(loaded, tstar=float(tstar), steps=int(steps), **kwargs)
+        self.from_noise = from_noise
+        self.start = self.schedule.start_index(float(tstar))
+        self.timesteps = self.schedule.timesteps(self.start, int(steps))
+
+    def guide(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The step subtracted from ``x0`` (predicted clean image at step ``t``) to pull it toward the
+        input ``ref`` (see :mod:`harness.diffusion.sampler`)."""
+        raise NotImplementedError
+
+    def purify(self, x: torch.Tensor, noise: NoiseDraws) -> torch.Tensor:
+        shape = x.shape[1:]
+        eps = noise.randn(shape, device=x.device, dtype=x.dtype)
+        noises = [noise.randn(shape, device=x.device, dtype=x.dtype) for _ in self.timesteps]
+        xt = eps if self.from_noise else self.schedule.diffuse(x, self.start, eps)
+        guide = (lambda x0, t: self.guide(x0, t, x)) if self.guided else None
+        return self.schedule.reverse(self.eps, xt, self.timesteps, noises, self.eta, guide=guide,
+                                     use_checkpoint=self.use_checkpoint)
+
+
+def entry_build(cls: type[DiffusionPurifier], settings: tuple[str, ...]) -> Callable[[BuildContext], Defense]:
+    """A ``DefenseEntry.build`` for purifier ``cls``: options ``settings`` + :data:`SAMPLER_OPTIONS`,
+    defaults from the preset, the UNet from :func:`load_entry_unet`."""
+    def build(ctx: BuildContext) -> Defense:
+        opts = resolve_options(ctx.config, ctx.options, settings + SAMPLER_OPTIONS)
+        purifier = cls.from_options(load_entry_unet(ctx, opts), opts, **{k: opts[k] for k in settings})
+        return Defense(ctx.classifier, purifier)
+
+    build.__doc__ = f"Build a {cls.__name__} defense (options: {', '.join(settings + SAMPLER_OPTIONS)})."
+    return build

@@ -1,0 +1,139 @@
+"""Randomness as an argument, not a global.
+
+Every stochastic purifier draws its noise from a :class:`NoiseDraws` object that the caller hands it
+for one forward pass. Two sources make those objects:
+
+* :class:`FixedNoise` (the *fixed-randomness* protocol of Liu & Wei, "How Do Diffusion Models Improve
+  Adversarial Robustness?", arXiv 2505.22839): the k-th draw of a forward pass for sample ``i`` is
+  seeded from ``(seed, i, k)`` alone, so a sample gets bit-identical noise on every call, whatever batch
+  it is in. The defended model becomes a deterministic function that can be attacked with exact
+  gradients.
+* :class:`FreshNoise`: new draws on every call (the setting of EOT attacks), still reproducible from a
+  seed because it owns its generator; nothing touches torch's global RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+__all__ = ["NoiseDraws", "NoiseSource", "FixedNoise", "FreshNoise", "noise_source"]
+
+
+def _stream_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` by hashing (stable across processes and platforms)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class NoiseDraws(ABC):
+    """The random draws available to one forward pass of a batch."""
+
+    @abstractmethod
+    def randn(self, shape: Sequence[int], *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise of shape ``(batch, *shape)``."""
+
+    @abstractmethod
+    def rand(self, shape: Sequence[int], *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Uniform [0, 1) noise of shape ``(batch, *shape)``."""
+
+
+class NoiseSource(ABC):
+    """Makes the :class:`NoiseDraws` for one call on the samples with dataset ``indices``."""
+
+    kind: str
+
+    @abstractmethod
+    def draws(self, indices: torch.Tensor | Sequence[int]) -> NoiseDraws:
+        """Draws for one forward pass over the samples ``indices`` (dataset positions)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, object]:
+        """JSON-able description, stored with each cell."""
+
+
+class _PerSampleDraws(NoiseDraws):
+    """Draw ``k`` of sample ``i`` comes from its own generator seeded by ``(seed, namespace, i, k)``."""
+
+    def __init__(self, seed: int, namespace: str, indices: Sequence[int]):
+        self._seed = seed
+        self._namespace = namespace
+        self._indices = [int(i) for i in indices]
+        self._count = 0
+
+    def _draw(self, fn, shape, device, dtype) -> torch.Tensor:
+        k = self._count
+        self._count += 1
+        rows = []
+        for index in self._indices:
+            gen = torch.Generator().manual_seed(_stream_seed(self._seed, self._namespace, index, k))
+            rows.append(fn(tuple(shape), generator=gen, dtype=dtype))
+        return torch.stack(rows).to(device) if rows else torch.empty((0, *shape), dtype=dtype, device=device)
+
+    def randn(self, shape, *, device="cpu", dtype=torch.float32):
+        return self._draw(torch.randn, shape, device, dtype)
+
+    def rand(self, shape, *, device="cpu", dtype=torch.float32):
+        return self._draw(torch.rand, shape, device, dtype)
+
+
+class _GeneratorDraws(NoiseDraws):
+    """Draws from one shared, advancing generator (fresh randomness)."""
+
+    def __init__(self, generator: torch.Generator, batch: int):
+        self._gen = generator
+        self._batch = batch
+
+    def randn(self, shape, *, device="cpu", dtype=torch.float32):
+        return torch.randn((self._batch, *shape), generator=self._gen, dtype=dtype).to(device)
+
+    def rand(self, shape, *, device="cpu", dtype=torch.float32):
+        return torch.rand((self._batch, *shape), generator=self._gen, dtype=dtype).to(device)
+
+
+class FixedNoise(NoiseSource):
+    """Per-sample fixed randomness: the same sample always receives the same draws."""
+
+    kind = "fixed"
+
+    def __init__(self, seed: int, namespace: str = "defense"):
+        self.seed = int(seed)
+        self.namespace = namespace
+
+    def draws(self, indices):
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        return _PerSampleDraws(self.seed, self.namespace, indices)
+
+    def describe(self):
+        return {"kind": self.kind, "seed": self.seed, "namespace": self.namespace}
+
+
+class FreshNoise(NoiseSource):
+    """Fresh randomness on every call, reproducible from ``seed`` through a private generator."""
+
+    kind = "fresh"
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._gen = torch.Generator().manual_seed(_stream_seed(self.seed, "fresh"))
+
+    def draws(self, indices):
+        return _GeneratorDraws(self._gen, len(indices))
+
+    def describe(self):
+        return {"kind": self.kind, "seed": self.seed}
+
+
+def noise_source(kind: str, seed: int, namespace: str = "defense") -> NoiseSource:
+    """Build a noise source by name: ``fixed`` or ``fresh``."""
+    if kind == "fixed":
+        return FixedNoise(seed, namespace)
+    if kind == "fresh":
+        return FreshNoise(seed)
+    raise ValueError(f"unknown noise kind {kind!r}; valid: fixed, fresh")

@@ -1,0 +1,147 @@
+"""How an attack meets a defense.
+
+* ``non-adaptive`` (DiffPure's non-adaptive setting, used by the MAEP paper): the attack sees the bare
+  classifier; the defense then classifies the adversarial images.
+* ``adaptive`` (fixed randomness, Liu & Wei, arXiv 2505.22839): the attack sees the whole defended
+  model with exact gradients; a stochastic defense gets per-sample fixed noise, the same in every
+  attack iteration and at evaluation, which makes it a deterministic function of the input.
+* ``adaptive-eot`` (fresh randomness; Athalye et al., ICML 2018): exact gradients averaged over the
+  attack's ``eot`` fresh draws per step; evaluation with fresh draws, plus worst-of-N over N
+  re-draws (DiffHammer, Wang et al. 2024: N = 10), stored per sample in ``extra``.
+* ``bpda`` (Athalye et al., ICML 2018): the purifier runs forward with the evaluation's fixed noise,
+  but backward is the identity (straight-through ``x + (P(x) - x).detach()``).
+
+As in AutoAttack, only the points the defense classifies correctly are attacked; the others keep their
+clean image, so robust accuracy can never exceed clean accuracy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from harness.attacks.base import Attack, Target
+from harness.errors import UsageError
+from harness.noise import FixedNoise, FreshNoise, _stream_seed
+from harness.registry import Defense, DefenseEntry
+
+
+@dataclass
+class BatchResult:
+    clean_pred: torch.Tensor
+    adv_pred: torch.Tensor
+    x_adv: torch.Tensor
+    extra: list[dict] | None = None  # optional per-sample fields, stored in SampleResult.extra
+
+
+class Protocol(ABC):
+    name: str
+    tier: str  # the evaluation tier shown in reports
+
+    @abstractmethod
+    def target(self, entry: DefenseEntry, defense: Defense, seed: int) -> Target:
+        """What the attack differentiates."""
+
+    def check(self, entry: DefenseEntry) -> None:
+        """Raise if this protocol cannot evaluate ``entry`` honestly."""
+
+    def run(self, entry: DefenseEntry, defense: Defense, attack: Attack, x: torch.Tensor,
+            y: torch.Tensor, indices: torch.Tensor, seed: int) -> BatchResult:
+        evaluation = FixedNoise(seed, namespace="defense")
+        with torch.no_grad():
+            clean_pred = defense(x, evaluation.draws(indices)).argmax(1)
+        correct = clean_pred == y
+        x_adv = x.clone()
+        adv_pred = clean_pred.clone()
+        if correct.any():
+            sel = correct.nonzero().squeeze(1)
+            x_adv[sel] = attack.perturb(self.target(entry, defense, seed), x[sel], y[sel], indices[sel], seed)
+            with torch.no_grad():
+                adv_pred[sel] = defense(x_adv[sel], evaluation.draws(indices[sel])).argmax(1)
+        return BatchResult(clean_pred, adv_pred, x_adv)
+
+
+class NonAdaptive(Protocol):
+    name = "non-adaptive"
+    tier = "non-adaptive: attack the bare classifier, then purify"
+
+    def target(self, entry, defense, seed):
+        classifier = defense.classifier
+        return Target(lambda x, indices: classifier(x))
+
+
+class AdaptiveFixed(Protocol):
+    name = "adaptive"
+    tier = "adaptive-exact: attack the whole defense, exact gradients, fixed randomness"
+
+    def check(self, entry):
+        if not entry.differentiable:
+            raise UsageError(f"defense {entry.name!r} is not differentiable: the adaptive protocol "
+                             f"needs exact gradients; valid protocols here: non-adaptive")
+
+    def target(self, entry, defense, seed):
+        noise = FixedNoise(seed, namespace="defense")
+        return Target(lambda x, indices: defense(x, noise.draws(indices)),
+                      index_dependent=entry.stochastic)
+
+
+def _batch_seed(seed: int, purpose: str, indices: torch.Tensor) -> int:
+    """The seed of one batch's fresh-noise stream, derived from the cell seed, purpose and indices."""
+    return _stream_seed(seed, purpose, tuple(int(i) for i in indices))
+
+
+class AdaptiveEOT(Protocol):
+    name = "adaptive-eot"
+    worst_of = 10
+    tier = (f"adaptive-EOT: attack the whole defense, exact gradients, fresh randomness (EOT); "
+            f"fresh-randomness evaluation, worst-of-{worst_of} in extra")
+
+    def check(self, entry):
+        AdaptiveFixed().check(entry)
+
+    def target(self, entry, defense, seed):
+        noise = FreshNoise(seed)
+        return Target(lambda x, indices: defense(x, noise.draws(indices)))
+
+    def run(self, entry, defense, attack, x, y, indices, seed):
+        evaluation = FreshNoise(_batch_seed(seed, "evaluate", indices))
+        with torch.no_grad():
+            clean_pred = defense(x, evaluation.draws(indices)).argmax(1)
+        x_adv = x.clone()
+        sel = (clean_pred == y).nonzero().squeeze(1)
+        if len(sel):
+            target = self.target(entry, defense, _batch_seed(seed, "attack", indices))
+            x_adv[sel] = attack.perturb(target, x[sel], y[sel], indices[sel], seed)
+        with torch.no_grad():
+            preds = torch.stack([defense(x_adv, evaluation.draws(indices)).argmax(1)
+                                 for _ in range(self.worst_of)])
+        correct = (preds == y).sum(0)
+        extra = [{"worst_of": self.worst_of, "adv_correct_draws": int(c)} for c in correct]
+        return BatchResult(clean_pred, preds[0], x_adv, extra)
+
+
+class BPDA(Protocol):
+    name = "bpda"
+    tier = "adaptive-BPDA: attack the whole defense, identity backward through the purifier, fixed randomness"
+
+    def target(self, entry, defense, seed):
+        noise = FixedNoise(seed, namespace="defense")
+
+        def fn(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                purified = defense.purify(x.detach(), noise.draws(indices))
+            return defense.classifier(x + (purified - x).detach())
+
+        return Target(fn, index_dependent=entry.stochastic)
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (NonAdaptive, AdaptiveFixed, AdaptiveEOT, BPDA)}
+
+
+def get_protocol(name: str) -> Protocol:
+    try:
+        return PROTOCOLS[name]()
+    except KeyError:
+        raise UsageError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None

@@ -1,0 +1,257 @@
+"""The results store as pandas DataFrames: one row per cell (with its run's provenance), and the
+finished cells aggregated over seeds.
+
+Accuracies stay fractions in ``[0, 1]`` here; the renderers turn them into percent. Also the shared
+vocabulary of the renderers: what each protocol means, data-source labels, safe file stems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from fractions import Fraction
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from harness.store import Cell, Run
+
+__all__ = ["CELL_COLUMNS", "SEED_GROUP_KEYS", "NON_KEY_CONFIG", "PROTOCOLS", "protocol_info",
+           "data_label", "safe_stem", "cells_frame", "done_cells", "aggregate_seeds", "match_reported", "canonical_json"]
+
+log = logging.getLogger(__name__)
+
+_CELL_FIELDS = ("run_id", "defense", "defense_version", "preset", "classifier", "dataset",
+                "dataset_fingerprint", "data_source", "variant", "threat", "eps", "eps_text", "attack",
+                "attack_label", "protocol", "n", "seed", "status", "n_done", "clean_acc", "robust_acc",
+                "avg_acc", "seconds", "error", "started_at", "finished_at")
+_RUN_FIELDS = ("git_commit", "git_dirty", "harness_version", "device", "host", "started_at",
+               "finished_at", "status", "command", "packages")
+_ENTRY_FIELDS = ("name", "version", "kind", "paper", "citation", "stochastic", "differentiable")
+
+#: Columns of :func:`cells_frame` (``metric_<name>`` columns follow, one per numeric metric).
+CELL_COLUMNS: tuple[str, ...] = (
+    ("cell_id", "cell_key") + _CELL_FIELDS + ("attack_params", "defense_options", "setting", "metrics",
+                                              "config")
+    + tuple(f"entry_{f}" for f in _ENTRY_FIELDS) + tuple(f"run_{f}" for f in _RUN_FIELDS))
+
+#: Cells that differ only in ``seed`` (and provenance) are aggregated into one row. ``setting`` is the
+#: cell's config without the seed and without metadata (:data:`NON_KEY_CONFIG`), so cells run with
+#: other defense options or train seeds are never averaged together.
+SEED_GROUP_KEYS: tuple[str, ...] = (
+    "defense", "defense_version", "preset", "classifier", "dataset", "dataset_fingerprint",
+    "data_source", "variant", "threat", "eps", "eps_text", "attack", "attack_label", "attack_params",
+    "defense_options", "protocol", "n", "setting")
+
+#: Config keys that describe a cell rather than define it (left out of ``setting``).
+NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "classifier_provenance", "data_source")
+
+
+#: Protocol field value -> (tier label, what it means). Unknown protocols are shown as-is.
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "non-adaptive": ("Non-adaptive", "The attacker ignores the defense: adversarial examples are "
+                     "crafted against the base classifier alone, then evaluated on the full defense. "
+                     "Weakest tier; an upper bound on robust accuracy, not a security claim."),
+    "bpda": ("Adaptive (BPDA)", "Adaptive attack on the full defense, with non-differentiable parts "
+             "replaced by a differentiable approximation on the backward pass (BPDA, Athalye et al. "
+             "2018)."),
+    "adaptive": ("Adaptive (exact)", "Adaptive attack with exact gradients through the whole defense; "
+                 "a stochastic defense is attacked with its randomness fixed per sample (the "
+                 "fixed-randomness protocol of Liu & Wei), which makes it a deterministic function."),
+    "adaptive-exact": ("Adaptive (exact)", "Same as \"adaptive\": exact gradients through the whole "
+                       "defense with its randomness fixed per sample."),
+    "adaptive-eot": ("Adaptive (EOT)", "Adaptive attack on a stochastic defense with fresh random "
+                     "draws on every call; gradients are averaged over draws (Expectation over "
+                     "Transformation)."),
+}
+
+
+def protocol_info(protocol: str) -> tuple[str, str]:
+    """(tier label, description) of a protocol; unknown ones get their own name and no description."""
+    return PROTOCOLS.get(protocol, (protocol, "Protocol not described by this harness version."))
+
+
+def data_label(source: str) -> str:
+    """A short label for a data source; results on a JPEG copy of a test set are labelled as such."""
+    return "JPEG copy" if re.search(r"jpe?g", source or "", re.IGNORECASE) else (source or "")
+
+
+def safe_stem(*parts: Any) -> str:
+    """A filename stem from ``parts``: ``("cifar10", "linf", "8/255")`` -> ``cifar10_linf_8-255``."""
+    cleaned = [re.sub(r"[^A-Za-z0-9.+-]+", "-", str(p).replace("/", "-")).strip("-.") or "x"
+               for p in parts]
+    return "_".join(cleaned)
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as compact JSON with sorted keys (``""`` for ``None``)."""
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _attack_params(config: Mapping[str, Any]) -> str:
+    """The attack's parameters from a cell config (``config["attack"]`` or ``["attack_params"]``)."""
+    for name in ("attack", "attack_params"):
+        params = config.get(name)
+        if isinstance(params, Mapping):
+            return canonical_json({k: v for k, v in params.items() if k != "seed"})
+    return ""
+
+
+def _defense_options(config: Mapping[str, Any]) -> str:
+    """Non-default defense options and train seed (``config["defense"]``), as JSON; ``""`` if none."""
+    defense = config.get("defense")
+    if not isinstance(defense, Mapping):
+        return ""
+    picked = {k: defense[k] for k in ("options", "train_seed") if defense.get(k) not in (None, {}, "")}
+    return canonical_json(picked) if picked else ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell_record(cell: Cell, run: Run | None) -> dict[str, Any]:
+    config = cell.config if isinstance(cell.config, dict) else {}
+    entry = config.get("entry") if isinstance(config.get("entry"), dict) else {}
+    metrics = cell.metrics if isinstance(cell.metrics, dict) else {}
+    record: dict[str, Any] = {"cell_id": cell.id, "cell_key": cell.key}
+    record.update({f: getattr(cell, f) for f in _CELL_FIELDS})
+    setting = {k: v for k, v in config.items() if k not in NON_KEY_CONFIG}
+    record.update(attack_params=_attack_params(config), defense_options=_defense_options(config),
+                  setting=canonical_json(setting), metrics=metrics, config=config)
+    record.update({f"entry_{f}": entry.get(f) for f in _ENTRY_FIELDS})
+    record.update({f"run_{f}": getattr(run, f) if run is not None else None for f in _RUN_FIELDS})
+    for name, value in metrics.items():
+        if _is_number(value):
+            record[f"metric_{name}"] = float(value)
+    return record
+
+
+def cells_frame(engine: Engine) -> pd.DataFrame:
+    """Every cell in the store (any status), joined with its run's provenance.
+
+    Columns are :data:`CELL_COLUMNS` plus ``metric_<name>`` for each numeric metric. ``metrics`` and
+    ``config`` hold the stored dicts; ``entry_*`` are read from ``config["entry"]``.
+    """
+    with Session(engine) as session:
+        rows = session.execute(select(Cell, Run).outerjoin(Run, Cell.run_id == Run.id)
+                               .order_by(Cell.id)).all()
+        records = [_cell_record(cell, run) for cell, run in rows]
+    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(CELL_COLUMNS))
+    metric_cols = sorted(c for c in frame.columns if c.startswith("metric_"))
+    frame = frame[list(CELL_COLUMNS) + metric_cols]
+    log.debug("loaded %d cells", len(frame))
+    return frame
+
+
+def done_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Only the finished cells (``status == "done"``)."""
+    return frame[frame["status"] == "done"].copy()
+
+
+def _mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; ``None`` with fewer than two values)."""
+    nums = [float(v) for v in values if v is not None and _is_number(v) and not math.isnan(v)]
+    if not nums:
+        return None, None
+    mean = sum(nums) / len(nums)
+    if len(nums) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in nums) / (len(nums) - 1))
+
+
+def _provenance(row: Mapping[str, Any]) -> dict[str, Any]:
+    started = row.get("run_started_at") or row.get("started_at")
+    return {
+        "cell_key": row.get("cell_key") or "", "seed": row.get("seed"), "preset": row.get("preset") or "",
+        "classifier": row.get("classifier") or "", "data_source": row.get("data_source") or "",
+        "fingerprint": row.get("dataset_fingerprint") or "",
+        "git_commit": row.get("run_git_commit") or "", "git_dirty": bool(row.get("run_git_dirty")),
+        "harness_version": row.get("run_harness_version") or "", "device": row.get("run_device") or "",
+        "run_date": pd.Timestamp(started).strftime("%Y-%m-%d %H:%M UTC") if started is not None
+        and not pd.isna(started) else "",
+        "seconds": row.get("seconds"), "attack_params": row.get("attack_params") or "",
+    }
+
+
+def _eps_value(text: Any) -> float | None:
+    try:
+        raw = str(text).strip()
+        return float(Fraction(raw)) if "/" in raw else float(raw)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _norm(text: Any) -> str:
+    return "".join(ch for ch in str(text or "").lower() if ch.isalnum())
+
+
+def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_text: str,
+                   classifier: str = "", attack_label: str = "") -> dict[str, Any] | None:
+    """The entry's reported number for this dataset/threat/eps, or ``None``.
+
+    Reported eps is text (``"8/255"``); it matches the cell's text or, within 0.5 %, its value (papers
+    round ``8/255`` to ``0.031``-ish decimals). Among several matches, one whose classifier and then
+    attack resemble the cell's wins; ties go to the first listed.
+    """
+    if not isinstance(reported, (list, tuple)):
+        return None
+    best, best_score = None, -1
+    for item in reported:
+        if not isinstance(item, Mapping):
+            continue
+        if _norm(item.get("dataset")) != _norm(dataset) or _norm(item.get("threat")) != _norm(threat):
+            continue
+        value = _eps_value(item.get("eps"))
+        if str(item.get("eps", "")).strip() != eps_text and (
+                value is None or not math.isclose(value, eps, rel_tol=5e-3)):
+            continue
+        score = 2 * (bool(item.get("classifier")) and _norm(item.get("classifier")) == _norm(classifier))
+        score += _norm(item.get("attack")) == _norm(attack_label)
+        if score > best_score:
+            best, best_score = dict(item), score
+    return best
+
+
+def aggregate_seeds(done: pd.DataFrame) -> pd.DataFrame:
+    """Finished cells grouped over seeds: one row per :data:`SEED_GROUP_KEYS` combination.
+
+    Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg}_{mean,std}`` (fractions; std is the
+    sample std over seeds, ``None`` for one seed), ``metric_stats`` ({name: (mean, std)}),
+    ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell)
+    and ``reported`` (see :func:`match_reported`).
+    """
+    columns = list(SEED_GROUP_KEYS) + [
+        "seeds", "seed_list", "clean_mean", "clean_std", "robust_mean", "robust_std", "avg_mean",
+        "avg_std", "metric_stats", "provenance", "entry", "reported"]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    metric_cols = [c for c in done.columns if c.startswith("metric_")]
+    out = []
+    for keys, group in done.groupby(list(SEED_GROUP_KEYS), dropna=False, sort=False):
+        group = group.sort_values(["seed", "cell_id"])
+        row: dict[str, Any] = dict(zip(SEED_GROUP_KEYS, keys))
+        row["seeds"] = len(group)
+        row["seed_list"] = [int(s) for s in group["seed"]]
+        for name, col in (("clean", "clean_acc"), ("robust", "robust_acc"), ("avg", "avg_acc")):
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(group[col].tolist())
+        row["metric_stats"] = {c[len("metric_"):]: _mean_std(group[c].tolist()) for c in metric_cols
+                               if group[c].notna().any()}
+        records = group.to_dict("records")
+        row["provenance"] = [_provenance(r) for r in records]
+        newest = max(records, key=lambda r: r["cell_id"])
+        entry = newest["config"].get("entry") if isinstance(newest["config"], dict) else None
+        row["entry"] = entry if isinstance(entry, dict) else {}
+        row["reported"] = match_reported(
+            row["entry"].get("reported"), dataset=row["dataset"], threat=row["threat"],
+            eps=float(row["eps"]), eps_text=row["eps_text"], classifier=row["classifier"],
+            attack_label=row["attack_label"])
+        out.append(row)
+    return pd.DataFrame(out, columns=columns)

@@ -1,0 +1,113 @@
+"""``harness report``: every report format from one results store, written under one directory.
+
+Layout of ``out_dir``::
+
+    index.html                        sortable leaderboard (html)
+    leaderboard.md                    every table in one Markdown file (md)
+    tables/<dataset>_<threat>_<eps>.md|.tex   one table per dataset / threat / eps (md, tex)
+    cells.csv                         every cell, any status, with provenance (csv)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sqlalchemy.engine import Engine
+
+import harness
+
+from harness.report.frame import aggregate_seeds, cells_frame, done_cells
+from harness.report.html import ExtraSection, render_html
+from harness.report.tables import LeaderTable, build_tables, to_latex, to_markdown, write_cells_csv
+from harness.report.quality import quality_sections
+
+__all__ = ["FORMATS", "write_reports"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("md", "tex", "csv", "html")
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically (temp file + rename), so a served page is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _remove_stale(directory: Path, ext: str, keep: Iterable[Path]) -> None:
+    """Delete ``tables/*.<ext>`` left by an earlier report whose table no longer exists."""
+    keep = {p.resolve() for p in keep}
+    for old in directory.glob(f"*.{ext}") if directory.is_dir() else ():
+        if old.resolve() not in keep:
+            log.info("removing stale table %s", old)
+            old.unlink()
+
+
+def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version: str,
+                       unfinished: int) -> str:
+    head = ["# harness leaderboard", "",
+            f"Generated {generated_at} by harness {version}."]
+    if unfinished:
+        head.append(f"{unfinished} unfinished cell(s) (running or failed) are not in the tables.")
+    if not tables:
+        head += ["", "No results yet: this database has no finished cells."]
+    return "\n".join(head) + "\n\n" + "\n".join(to_markdown(t) for t in tables)
+
+
+def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = FORMATS, *,
+                  extra_sections: Sequence[ExtraSection] = (),
+                  generated_at: dt.datetime | None = None) -> list[Path]:
+    """Write the requested report ``formats`` (a subset of :data:`FORMATS`) for the store behind
+    ``engine`` into ``out_dir``; returns the paths written, in a stable order.
+
+    Only finished cells are ranked; seeds of the same setting are aggregated (mean ± sample std).
+    ``formats`` may also be a comma-separated string. ``extra_sections`` are appended to the HTML
+    page. An empty store gives a page saying so. Stale ``tables/*.md|.tex`` from an earlier report
+    are removed; ``generated_at`` (default: now) is shown as UTC.
+    """
+    if isinstance(formats, str):  # "md,html" from a command line
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown report format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    stamp = generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    cells = cells_frame(engine)
+    done = done_cells(cells)
+    tables = build_tables(aggregate_seeds(done))
+    log.info("%d cells (%d finished) -> %d tables", len(cells), len(done), len(tables))
+    written: list[Path] = []
+    table_dir = out_dir / "tables"
+    for ext, render in (("md", to_markdown), ("tex", to_latex)):
+        if ext not in formats:
+            continue
+        paths = [_write_text(table_dir / f"{t.stem}.{ext}", render(t)) for t in tables]
+        _remove_stale(table_dir, ext, paths)
+        written += paths
+        if ext == "md":
+            written.append(_write_text(out_dir / "leaderboard.md", _combined_markdown(
+                tables, stamp, harness.__version__, len(cells) - len(done))))
+    if "csv" in formats:
+        written.append(write_cells_csv(cells, out_dir / "cells.csv"))
+    if "html" in formats:
+        extra_sections = [*quality_sections(cells, out_dir), *extra_sections]
+        page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at)
+        written.append(_write_text(out_dir / "index.html", page))
+    for path in written:
+        log.debug("wrote %s", path)
+    return written

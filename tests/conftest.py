@@ -1,0 +1,70 @@
+"""Shared fixtures: an isolated harness home, a tiny synthetic CIFAR-10, and the real JPEG copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_imagefolder(root: Path, per_class: int, seed: int = 0) -> Path:
+    """A learnable synthetic ImageFolder: each class has its own mean colour, plus noise."""
+    rng = np.random.default_rng(seed)
+    palette = rng.uniform(40, 215, size=(len(CLASSES), 3))
+    for split in ("train", "test"):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = palette[c] + rng.normal(0, 25, size=(32, 32, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture()
+def harness_home(tmp_path, monkeypatch) -> Path:
+    """Point every harness folder at a fresh temp dir (data, artifacts, results)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    monkeypatch.delenv("HARNESS_DATA", raising=False)
+    monkeypatch.delenv("HARNESS_ARTIFACTS", raising=False)
+    monkeypatch.delenv("HARNESS_DB", raising=False)
+    monkeypatch.delenv("HARNESS_DATA_MIRROR", raising=False)
+    return home
+
+
+@pytest.fixture()
+def tiny_cifar(harness_home, tmp_path) -> Path:
+    """A synthetic 10-class 'cifar10' (8 train / 8 test images per class) imported into the home."""
+    from harness.data import import_dataset
+
+    folder = write_imagefolder(tmp_path / "imagefolder", per_class=8)
+    import_dataset("cifar10", folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory) -> Path:
+    """The CIFAR-10 JPEG copy from the local mirror, imported once per session."""
+    from harness.data import load_split
+
+    mirror = os.environ.get("HARNESS_DATA_MIRROR") or str(REPO.parent / "shared" / "data")
+    if not (Path(mirror) / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip("the CIFAR-10 mirror (../shared/data) is not available")
+    root = tmp_path_factory.mktemp("real-data")
+    old = os.environ.get("HARNESS_DATA_MIRROR")
+    os.environ["HARNESS_DATA_MIRROR"] = mirror
+    try:
+        load_split("cifar10", "test", root)
+    finally:
+        if old is None:
+            os.environ.pop("HARNESS_DATA_MIRROR")
+        else:
+            os.environ["HARNESS_DATA_MIRROR"] = old
+    return root

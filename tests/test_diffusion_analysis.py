@@ -1,0 +1,79 @@
+"""The fixed-randomness analyses on toy purifiers whose answers are known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from harness.analysis import (analyse, compression_rates, compression_scatter, gain_table, load_records,
+                              randomness_spread, report_sections, save_record, scatter_points)
+
+SHAPE = (3, 8, 8)
+
+
+def shrink(x, noise):
+    """P(x) = 0.5 + 0.25 (x - 0.5) + noise: kappa = 0.25 exactly (away from the clipping range)."""
+    return 0.5 + 0.25 * (x - 0.5) + 0.1 * noise.randn(x.shape[1:])
+
+
+def images(n=4):
+    return 0.3 + 0.4 * torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(0))
+
+
+def test_compression_of_a_contraction_is_exact():
+    x, idx = images(), torch.arange(4)
+    stats = compression_rates(shrink, x, idx, seed=0, radii=(2 / 255, 8 / 255), x_adv=x + 4 / 255)
+    assert {(s.norm, s.kind) for s in stats} >= {("l2", "random"), ("linf", "random"), ("linf", "adversarial")}
+    for s in stats:
+        assert s.kappa == pytest.approx(0.25, rel=1e-4) and s.compression == pytest.approx(0.75, rel=1e-4)
+
+
+def test_spread_dominated_by_noise_and_records_are_reproducible(tmp_path):
+    x, idx = images(), torch.arange(4)
+    stats = randomness_spread(shrink, x, idx, seeds=(0, 1, 2), radius=8 / 255)
+    assert all(s.across_seeds > s.across_inputs and s.ratio > 1 for s in stats)
+    first = analyse(shrink, x, idx, x_adv=(x + 8 / 255).clamp(0, 1))
+    assert first == analyse(shrink, x, idx, x_adv=(x + 8 / 255).clamp(0, 1))
+    assert all(d["farther"] for d in first["distances"])  # the noise dominates: finding (a)
+
+
+def _cells():
+    rows = []
+    for defense, options, fixed, fresh in (("none", "", 0.0, 0.0), ("diffpure", "", 0.2, 0.6),
+                                           ("diffpure", '{"options":{"tstar":0.2}}', 0.3, 0.7),
+                                           ("dda", "", 0.05, 0.3)):
+        for protocol, acc in (("adaptive", fixed), ("adaptive-eot", fresh), ("non-adaptive", 0.8)):
+            for attack, delta in (("PGD-20", 0.0), ("PGD-10", 0.05)):
+                rows.append(dict(status="done", protocol=protocol, attack_label=attack, robust_acc=acc + delta,
+                                 dataset="cifar10", classifier="c", threat="linf", eps_text="8/255",
+                                 defense=defense, preset="small" if defense != "none" else None,
+                                 defense_options=options))
+    return pd.DataFrame(rows)
+
+
+def test_gain_table_scatter_and_sections(tmp_path):
+    table = gain_table(_cells())
+    assert len(table) == 3 and set(table["defense"]) == {"diffpure", "dda"}
+    row = table[(table["defense"] == "diffpure") & (table["defense_options"] == "")].iloc[0]
+    assert row["fixed"] == pytest.approx(0.2) and row["fresh"] == pytest.approx(0.6)  # strongest attack
+    assert row["gain_fixed"] == pytest.approx(0.2) and row["gain_fresh"] == pytest.approx(0.6)
+    for defense, options, compression in (("diffpure", "", 0.5), ("diffpure", '{"options":{"tstar":0.2}}', 0.7),
+                                          ("dda", "", 0.1)):
+        meta = {"defense": defense, "preset": "small", "options": {"tstar": 0.2} if options else {},
+                "dataset": "cifar10"}
+        record = {"compression": [{"norm": "linf", "kind": "random", "radius": 8 / 255, "kappa": 1 - compression,
+                                   "compression": compression}]}
+        save_record(tmp_path / "analyses", meta, record)
+    records = load_records(tmp_path / "analyses")
+    points = scatter_points(table, records)
+    assert len(points) == 3
+    path, r = compression_scatter(points, tmp_path / "out" / "scatter.png")
+    assert path.is_file() and r > 0.9
+    sections = report_sections(table, records, tmp_path / "out")
+    assert [s.images for s in sections][1] == ("figures/compression_vs_gain.png",)
+    assert "<table" in str(sections[0].html) and "20.00" in str(sections[0].html)
+    _, nan_r = compression_scatter(points[:1], tmp_path / "one.png")
+    assert math.isnan(nan_r)

@@ -1,0 +1,73 @@
+"""End to end: `harness train ddpm`, diffpure through the runner under every protocol, the
+fixed-randomness study, and its report sections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from harness.analysis import gain_table, load_records, report_sections
+from harness.analysis.study import StudyRequest, run_study
+from harness.classifiers import save_classifier
+from harness.cli import main
+from harness.models.classifiers import build_classifier
+from harness.report import cells_frame
+from harness.runner import RunRequest, run_grid
+from harness.store import Cell, open_db
+
+PROTOCOLS = ("non-adaptive", "adaptive", "adaptive-eot", "bpda")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def classifier_file(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_classifier("convnet-tiny", 10)
+    return str(save_classifier(model, "convnet-tiny", 10, tmp_path / "c.safetensors"))
+
+
+def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, tmp_path, classifier_file):
+    out = tmp_path / "ddpm-folder"
+    result = CliRunner().invoke(main, ["train", "ddpm", "--preset", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    artifact = result.stdout.splitlines()[0]
+    assert "/ddpm/" in artifact and (out / "config.json").is_file()
+    again = CliRunner().invoke(main, ["train", "ddpm", "--preset", "tiny"])
+    assert again.stdout.splitlines()[0] == artifact  # cached, not retrained
+
+    engine = open_db(str(tmp_path / "r.db"))
+    options = {"steps": 2, "unet": str(out)}
+    request = RunRequest(defenses=("none", "diffpure"), classifier=classifier_file, preset="tiny", n=3, batch_size=3,
+                         attacks=({"name": "pgd", "steps": 1, "eot": 2},), protocols=PROTOCOLS,
+                         options=options, progress=False)
+    outcomes = run_grid(request, engine)
+    assert [o.protocol for o in outcomes] == list(PROTOCOLS) * 2
+    assert all(o.status == "done" and o.robust_acc <= o.clean_acc for o in outcomes)
+    with Session(engine) as s:
+        cell = s.scalars(select(Cell).where(Cell.protocol == "adaptive", Cell.defense == "diffpure")).one()
+        assert cell.config["defense"]["options"] == {"steps": 2, "unet": str(out)}
+        assert cell.config["defense"]["preset_config"]["tstar"] == 0.3
+
+    folder = tmp_path / "analyses"
+    path = run_study(StudyRequest("diffpure", classifier=classifier_file, preset="tiny", options=options, n=3,
+                                  attack={"name": "pgd", "steps": 1}, radii=(8 / 255,), spread_seeds=(0, 1),
+                                  progress=False), folder)
+    record = load_records(folder)[0]
+    assert path.parent == folder and record["meta"]["options"] == options
+    assert {c["norm"] for c in record["record"]["compression"]} == {"l2", "linf"}
+    assert record["record"]["provenance"]["unet"]["kind"] == "local"
+    table = gain_table(cells_frame(engine))
+    assert list(table["defense"]) == ["diffpure"]
+    sections = report_sections(table, [record], tmp_path / "report")
+    assert len(sections) == 2 and (tmp_path / "report" / sections[1].images[0]).is_file()

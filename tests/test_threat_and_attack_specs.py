@@ -1,0 +1,36 @@
+"""Epsilon parsing and attack specs: bad input gets an error naming the valid choices."""
+
+import pytest
+
+from harness.attacks.factory import build_attack, parse_attack_spec
+from harness.errors import UsageError
+from harness.threat import Epsilon, ThreatModel
+
+
+def test_epsilon_as_fraction_or_float():
+    e = Epsilon.parse("8/255")
+    assert e.value == pytest.approx(8 / 255) and e.text == "8/255"
+    assert Epsilon.parse("0.0314").value == pytest.approx(0.0314)
+
+
+@pytest.mark.parametrize("bad", ["eight", "1/0", "-0.1", "inf", ""])
+def test_bad_epsilon_is_a_clear_error(bad):
+    with pytest.raises(UsageError, match="epsilon"):
+        Epsilon.parse(bad)
+
+
+def test_unknown_threat_lists_valid():
+    with pytest.raises(UsageError, match="linf, l2"):
+        ThreatModel("l1", Epsilon.parse("1"))
+
+
+def test_attack_specs():
+    spec = parse_attack_spec("pgd:steps=50,eot=4,step_size=0.01")
+    assert spec == {"name": "pgd", "steps": 50, "eot": 4, "step_size": 0.01}
+    attack = build_attack(spec, ThreatModel("linf", Epsilon.parse("8/255")))
+    assert attack.label() == "PGD-50xEOT4"
+    assert parse_attack_spec("autoattack:version=rand")["version"] == "rand"
+    with pytest.raises(UsageError, match="pgd, autoattack, apgd-ce"):
+        parse_attack_spec("fgsm")
+    with pytest.raises(UsageError, match="bad options"):
+        build_attack({"name": "pgd", "stepz": 3}, ThreatModel("linf", Epsilon.parse("8/255")))
