@@ -41,7 +41,8 @@ def train_defense_weights(entry: DefenseEntry, preset: str | None, classifier: L
     train_split = load_split(dataset.name, "train", data_root)
     recipe = defense_recipe(entry, preset, classifier, dataset.name, train_split.fingerprint, seed)
     train_ctx = TrainContext(entry_name=entry.name, config=recipe["config"], train_split=train_split,
-                             classifier=classifier.model, seed=seed, progress=progress)
+                             classifier=classifier.model, seed=seed, progress=progress,
+                             artifacts=artifacts)
     return artifacts.get_or_train(f"defense/{entry.name}", recipe, lambda: entry.train(train_ctx),
                                   what=f"defense {entry.name!r} (preset {preset})")
 

@@ -19,7 +19,7 @@ def _split_csv(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
 
 
-def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
+def parse_options(values: tuple[str, ...]) -> dict[str, Any]:
     from harness.attacks.factory import coerce_value
 
     options = {}
@@ -69,7 +69,7 @@ _data_option = click.option("--data-root", default=None, help="Dataset folder (d
               help="pgd[:steps=N,step_size=S,eot=K,random_start=true], autoattack[:version=standard|rand], apgd-ce.")
 @click.option("--protocol", "protocols", multiple=True, default=("non-adaptive,adaptive",), show_default=True,
               help="non-adaptive and/or adaptive (fixed randomness, exact gradients).")
-@click.option("--n", default=512, show_default=True, help="Number of test images (the first n of the split).")
+@click.option("--n", default=512, show_default=True, help="Number of test images (the first n of a fixed permutation of the split).")
 @click.option("--seed", "seeds", multiple=True, type=int, default=(0,), show_default=True,
               help="Evaluation seed(s): attack start and defense noise.")
 @click.option("--variant", "variants", multiple=True, default=("clean",), show_default=True,
@@ -96,7 +96,7 @@ def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds
     request = RunRequest(
         defenses=_split_csv(defenses), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER,
         threat=threat, eps=_split_csv(eps), attacks=tuple(parse_attack_spec(a) for a in attacks),
-        protocols=_split_csv(protocols), n=n, seeds=seeds, variants=_split_csv(variants), preset=preset, options=_parse_options(options),
+        protocols=_split_csv(protocols), n=n, seeds=seeds, variants=_split_csv(variants), preset=preset, options=parse_options(options),
         batch_size=batch_size, force=force, allow_train=not no_train, data_root=data_root,
         progress=not no_progress)
     outcomes = run_grid(request, open_db(db))
@@ -153,10 +153,11 @@ def show(db, defense) -> None:
                        f"{c.attack_label:<16} {c.threat} {c.eps_text:<7} n={c.n_done}/{c.n} seed={c.seed} {accs}")
 
 
-from harness.cli_train_data import data, train  # noqa: E402  (sub-groups live in their own module)
+from harness.cli_train_data import analyse, data, train  # noqa: E402  (sub-groups live in their own module)
 
 main.add_command(train)
 main.add_command(data)
+main.add_command(analyse)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,3 +119,31 @@ def data_info(data_root) -> None:
 
     for row in dataset_status(data_root):
         click.echo("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+@click.group()
+def analyse() -> None:
+    """Analyses beyond accuracy; their results appear in `harness report`."""
+
+
+@analyse.command(name="fixed-randomness")
+@click.option("--defense", required=True, help="A (stochastic) purifier entry.")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--classifier", default="trained:small", show_default=True)
+@click.option("--preset", default=None)
+@click.option("--option", "options", multiple=True, help="Defense option key=value, as for `harness run`.")
+@click.option("--n", default=32, show_default=True, help="Test images (the same subset a cell uses).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--eps", default="8/255", show_default=True)
+@click.option("--steps", default=20, show_default=True, help="PGD steps of the fixed-randomness attack.")
+@_data_option
+def analyse_fixed_randomness(defense, dataset, classifier, preset, options, n, seed, eps, steps, data_root) -> None:
+    """Distances to the clean image, spread across seeds vs inputs, and compression rates (Liu & Wei,
+    arXiv 2505.22839), with the purifier's noise fixed per sample."""
+    from harness.analysis.study import StudyRequest, run_study
+    from harness.cli import parse_options
+
+    request = StudyRequest(defense=defense, dataset=dataset, classifier=classifier, preset=preset,
+                           options=parse_options(options), n=n, seed=seed, eps=eps,
+                           attack={"name": "pgd", "steps": steps}, data_root=data_root)
+    click.echo(str(run_study(request)))

@@ -29,6 +29,7 @@ class TrainContext:
     seed: int = 0
     progress: bool = True
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    artifacts: ArtifactCache | None = None  # for recipes that share artifacts (e.g. one DDPM per dataset)
 
 
 @dataclass

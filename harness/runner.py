@@ -168,7 +168,7 @@ def _entry_metadata(entry: DefenseEntry) -> dict[str, Any]:
 
 
 def _open_cell(session: Session, planned: _PlannedCell, run: Run, classifier: LoadedClassifier,
-               force: bool) -> Cell:
+               defense: Defense, force: bool) -> Cell:
     cell = find_cell(session, planned.key)
     if cell is not None:
         if force:
@@ -178,7 +178,8 @@ def _open_cell(session: Session, planned: _PlannedCell, run: Run, classifier: Lo
     attack = build_attack(planned.attack, planned.threat)
     test = planned.split
     config = dict(planned.key_config, entry=_entry_metadata(planned.entry), protocol_tier=planned.protocol.tier,
-                  classifier_provenance=classifier.provenance, data_source=test.source)
+                  classifier_provenance=classifier.provenance, data_source=test.source,
+                  defense_provenance=getattr(defense.purifier, "provenance", None))
     cell = Cell(key=planned.key, run_id=run.id, defense=planned.entry.name,
                 defense_version=planned.entry.version, preset=planned.preset or "",
                 classifier=classifier.id, dataset=test.info.name, dataset_fingerprint=test.fingerprint,
@@ -217,10 +218,11 @@ def _execute(session: Session, cell: Cell, planned: _PlannedCell, defense: Defen
         if measure_quality:
             cell.metrics = merge_quality(cell.metrics, batch_quality(
                 defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"), indices))
+        extras = result.extra or [None] * len(batch)
         add_samples(session, cell, ({"index": int(i), "label": int(lab), "clean_pred": int(c),
-                                     "adv_pred": int(a), "perturbation": float(p)}
-                                    for i, lab, c, a, p in zip(batch, y, result.clean_pred,
-                                                                result.adv_pred, norms)))
+                                     "adv_pred": int(a), "perturbation": float(p), "extra": e}
+                                    for i, lab, c, a, p, e in zip(batch, y, result.clean_pred,
+                                                                   result.adv_pred, norms, extras)))
         cell.n_done += len(batch)
         cell.seconds += time.time() - started
         session.commit()
@@ -290,7 +292,7 @@ def _run_entry(session: Session, run: Run, request: RunRequest, entry: DefenseEn
                 defense = build_defense(entry, item.preset, classifier, item.split.info, artifacts,
                                         options=request.options, data_root=request.data_root,
                                         progress=request.progress, seed=request.train_seed)
-            cell = _open_cell(session, item, run, classifier, request.force)
+            cell = _open_cell(session, item, run, classifier, defense, request.force)
             session.commit()
             _execute(session, cell, item, defense, request)
             status = "done"

@@ -9,14 +9,14 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from harness.analysis import gain_table, load_records, report_sections
+from harness.analysis import gain_table, load_records, report_sections, worst_of_n_accuracy
 from harness.analysis.study import StudyRequest, run_study
 from harness.classifiers import save_classifier
 from harness.cli import main
 from harness.models.classifiers import build_classifier
 from harness.report import cells_frame
 from harness.runner import RunRequest, run_grid
-from harness.store import Cell, open_db
+from harness.store import Cell, SampleResult, open_db
 
 PROTOCOLS = ("non-adaptive", "adaptive", "adaptive-eot", "bpda")
 
@@ -67,7 +67,17 @@ def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, tmp_path, classifier
     assert path.parent == folder and record["meta"]["options"] == options
     assert {c["norm"] for c in record["record"]["compression"]} == {"l2", "linf"}
     assert record["record"]["provenance"]["unet"]["kind"] == "local"
-    table = gain_table(cells_frame(engine))
-    assert list(table["defense"]) == ["diffpure"]
+    with Session(engine) as s:  # the runner stores the protocol's per-sample extra; pin it for the check
+        eot = s.scalars(select(Cell).where(Cell.protocol == "adaptive-eot", Cell.defense == "diffpure")).one()
+        samples = s.scalars(select(SampleResult).where(SampleResult.cell_id == eot.id)).all()
+        for i, sample in enumerate(samples):
+            sample.label = sample.clean_pred
+            sample.extra = {"worst_of": 10, "adv_correct_draws": 10 if i == 0 else 9}
+        s.commit()
+        key = eot.key
+    worst = worst_of_n_accuracy(engine)
+    assert worst[key] == pytest.approx(1 / 3) and len(worst) == 2  # diffpure's and none's adaptive-eot
+    table = gain_table(cells_frame(engine), worst_of_n=worst_of_n_accuracy(engine))
+    assert list(table["defense"]) == ["diffpure"] and table["fresh_worst"].iloc[0] == pytest.approx(1 / 3)
     sections = report_sections(table, [record], tmp_path / "report")
     assert len(sections) == 2 and (tmp_path / "report" / sections[1].images[0]).is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,9 @@ def test_preset_errors_list_valid_presets():
 def plugin_site(tmp_path_factory) -> Path:
     """The demo plugin installed (pip, no deps) into a throwaway site folder."""
     site = tmp_path_factory.mktemp("site")
+    source = shutil.copytree(HERE / "plugin_pkg", tmp_path_factory.mktemp("src") / "plugin_pkg")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(HERE / "plugin_pkg")], check=True)
+                    "--target", str(site), str(source)], check=True)
     return site
 
 

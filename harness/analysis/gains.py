@@ -23,8 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markupsafe import Markup  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
-__all__ = ["PROTOCOL_COLUMNS", "ScatterPoint", "gain_table", "save_record", "load_records",
+from harness.store import Cell, SampleResult  # noqa: E402
+
+__all__ = ["PROTOCOL_COLUMNS", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record", "load_records",
            "scatter_points", "compression_scatter", "report_sections"]
 
 PROTOCOL_COLUMNS = {"non-adaptive": "non_adaptive", "bpda": "bpda", "adaptive": "fixed", "adaptive-eot": "fresh"}
@@ -32,16 +37,37 @@ _GROUP = ["dataset", "classifier", "threat", "eps_text"]
 _SETTING = _GROUP + ["defense", "preset", "defense_options"]
 
 
-def gain_table(cells: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
+def worst_of_n_accuracy(engine: Engine) -> dict[str, float]:
+    """Cell key -> worst-of-N robust accuracy of ``adaptive-eot`` cells whose samples carry the
+    protocol's ``extra`` (a sample counts if clean-correct and correct on all N fresh re-draws)."""
+    with Session(engine) as session:
+        rows = session.execute(select(Cell.key, SampleResult.label, SampleResult.clean_pred, SampleResult.extra)
+                               .join(SampleResult, SampleResult.cell_id == Cell.id)
+                               .where(Cell.protocol == "adaptive-eot")).all()
+    tally: dict[str, list[int]] = {}
+    for key, label, clean, extra in rows:
+        if not extra or "worst_of" not in extra:
+            continue
+        ok = clean == label and extra["adv_correct_draws"] == extra["worst_of"]
+        tally.setdefault(key, []).append(int(ok))
+    return {key: sum(v) / len(v) for key, v in tally.items()}
+
+
+def gain_table(cells: pd.DataFrame, baseline: str = "none",
+               worst_of_n: Mapping[str, float] | None = None) -> pd.DataFrame:
     """One row per defense setting: robust accuracy per protocol, the baseline, and the gains under
-    fixed (``adaptive``) and fresh (``adaptive-eot``) randomness, in [0, 1]."""
+    fixed (``adaptive``) and fresh (``adaptive-eot``) randomness, in [0, 1]; with ``worst_of_n``
+    (from :func:`worst_of_n_accuracy`) also ``fresh_worst``, fresh randomness judged worst-of-N."""
     done = cells[(cells["status"] == "done") & cells["protocol"].isin(list(PROTOCOL_COLUMNS))]
     if done.empty:
         return pd.DataFrame()
     done = done.fillna({"preset": "", "defense_options": ""})
+    if worst_of_n:
+        worst = done[done["cell_key"].isin(list(worst_of_n))].assign(protocol="worst")
+        done = pd.concat([done, worst.assign(robust_acc=worst["cell_key"].map(worst_of_n))])
     per_attack = done.groupby(_SETTING + ["protocol", "attack_label"], dropna=False)["robust_acc"].mean()
     strongest = per_attack.groupby(level=list(range(len(_SETTING) + 1))).min().unstack("protocol")
-    strongest = strongest.rename(columns=PROTOCOL_COLUMNS).reset_index()
+    strongest = strongest.rename(columns=dict(PROTOCOL_COLUMNS, worst="fresh_worst")).reset_index()
     base = strongest[strongest["defense"] == baseline]
     base_acc = base.set_index(_GROUP)[[c for c in PROTOCOL_COLUMNS.values() if c in base]].min(axis=1)
     table = strongest[strongest["defense"] != baseline].copy()
@@ -132,14 +158,16 @@ def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], o
 
     if table.empty:
         return []
-    shown = table[_SETTING + list(PROTOCOL_COLUMNS.values()) + ["baseline", "gain_fixed", "gain_fresh"]]
+    extra = ["fresh_worst"] if "fresh_worst" in table else []
+    shown = table[_SETTING + list(PROTOCOL_COLUMNS.values()) + extra + ["baseline", "gain_fixed", "gain_fresh"]]
     html = Markup(shown.to_html(index=False, escape=True, float_format=lambda v: f"{100 * v:.2f}",
                                 na_rep="-", classes="table"))
     sections = [ExtraSection(
         title="Robust gain under fixed vs fresh randomness",
         html=html,
         text="Robust accuracy (%) per protocol: non-adaptive; BPDA; adaptive with fixed per-sample randomness "
-             "and exact gradients (fixed); adaptive EOT with fresh randomness (fresh). Gain = defense minus the "
+             "and exact gradients (fixed); adaptive EOT with fresh randomness (fresh; fresh_worst: correct on all "
+             "N re-draws). Gain = defense minus the "
              "undefended classifier (Liu & Wei, arXiv 2505.22839).")]
     points = scatter_points(table, records)
     if points:

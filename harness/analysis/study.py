@@ -1,7 +1,7 @@
 """Run the fixed-randomness analyses for one defense setting and store the record.
 
 :func:`run_study` builds the defense exactly as ``harness run`` does (same entry, preset, options and
-classifier), attacks the first ``n`` test images with the fixed-randomness adaptive protocol (for the
+classifier, the same test images as a cell of ``n`` images), attacks them with the fixed-randomness adaptive protocol (for the
 adversarial distances and compression), runs :func:`harness.analysis.fixed_randomness.analyse` and
 saves the record with :func:`harness.analysis.gains.save_record`, where the report picks it up.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import torch
 
 from harness.analysis.fixed_randomness import analyse
 from harness.analysis.gains import save_record
@@ -24,6 +22,7 @@ from harness.data import load_split
 from harness.paths import harness_home
 from harness.protocols import get_protocol
 from harness.registry import default_registry
+from harness.runner import evaluation_subset
 from harness.threat import Epsilon, ThreatModel
 
 __all__ = ["StudyRequest", "run_study", "default_folder"]
@@ -54,7 +53,7 @@ class StudyRequest:
 
 
 def run_study(request: StudyRequest, folder: str | Path | None = None) -> Path:
-    """Analyse ``request.defense`` on the first ``n`` test images; return the stored record's path."""
+    """Analyse ``request.defense`` on the ``n`` images a cell evaluates; return the stored record's path."""
     entry = default_registry().get(request.defense)
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root)
@@ -64,7 +63,7 @@ def run_study(request: StudyRequest, folder: str | Path | None = None) -> Path:
     preset = resolve_preset(entry, request.preset if entry.presets else None)
     defense = build_defense(entry, preset, classifier, test.info, artifacts, options=request.options,
                             data_root=request.data_root, progress=request.progress)
-    indices = torch.arange(min(request.n, len(test.labels)))
+    indices = evaluation_subset(len(test.labels), min(request.n, len(test.labels)))
     x, y = test.float_images(indices), test.labels[indices]
     threat = ThreatModel(request.threat, Epsilon.parse(request.eps))
     attack = build_attack(request.attack, threat)

@@ -62,7 +62,9 @@ class AutoAttackAdapter(Attack):
                             attacks=["apgd-ce"] if custom else None, device=x.device)
         attack.verbose = False
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
-        return attack.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        with torch.random.fork_rng():  # the library reseeds torch's global RNG
+            x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        return x_adv
 
     def perturb(self, target, x, y, indices, seed):
         if self.threat.eps.value == 0:

@@ -40,7 +40,8 @@ def resolve_options(config: Mapping[str, Any], options: Mapping[str, Any],
 def train_entry_ddpm(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """An entry's ``train`` recipe: the dataset's shared DDPM (trained once, reused by every entry)."""
     preset = ctx.config["ddpm"]
-    return shared_ddpm(ArtifactCache(), preset, ctx.train_split, ctx.seed, progress=ctx.progress).load()
+    return shared_ddpm(ctx.artifacts or ArtifactCache(), preset, ctx.train_split, ctx.seed,
+                       progress=ctx.progress).load()
 
 
 def load_entry_unet(ctx: BuildContext, opts: Mapping[str, Any]) -> LoadedUNet:

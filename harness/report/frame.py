@@ -49,7 +49,8 @@ SEED_GROUP_KEYS: tuple[str, ...] = (
     "defense_options", "protocol", "n", "setting")
 
 #: Config keys that describe a cell rather than define it (left out of ``setting``).
-NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "classifier_provenance", "data_source")
+NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "classifier_provenance", "data_source",
+                  "defense_provenance")
 
 
 #: Protocol field value -> (tier label, what it means). Unknown protocols are shown as-is.

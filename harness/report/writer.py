@@ -67,6 +67,18 @@ def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version
     return "\n".join(head) + "\n\n" + "\n".join(to_markdown(t) for t in tables)
 
 
+def _randomness_sections(engine: Engine, cells, out_dir: Path) -> list[ExtraSection]:
+    """The fixed-vs-fresh randomness table and the compression scatter (Liu & Wei, arXiv 2505.22839),
+    from the cells and the records of `harness analyse fixed-randomness`."""
+    from harness.analysis.gains import gain_table, load_records, report_sections, worst_of_n_accuracy
+    from harness.analysis.study import default_folder
+
+    if cells.empty:
+        return []
+    table = gain_table(cells, worst_of_n=worst_of_n_accuracy(engine))
+    return report_sections(table, load_records(default_folder()), out_dir)
+
+
 def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = FORMATS, *,
                   extra_sections: Sequence[ExtraSection] = (),
                   generated_at: dt.datetime | None = None) -> list[Path]:
@@ -105,7 +117,8 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     if "csv" in formats:
         written.append(write_cells_csv(cells, out_dir / "cells.csv"))
     if "html" in formats:
-        extra_sections = [*quality_sections(cells, out_dir), *extra_sections]
+        extra_sections = [*quality_sections(cells, out_dir), *_randomness_sections(engine, cells, out_dir),
+                          *extra_sections]
         page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at)
         written.append(_write_text(out_dir / "index.html", page))
     for path in written:

@@ -36,7 +36,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "arch": "convnet-small",
     "epochs": 10,
     "batch_size": 256,
-    "lr": 0.2,  # peak learning rate (mean-reduced loss)
+    "lr": 0.4,  # peak learning rate (mean-reduced loss)
     "lr_start": 0.1,  # the warm-up starts at lr * lr_start
     "warmup": 0.2,  # fraction of the steps spent warming up
     "momentum": 0.9,
