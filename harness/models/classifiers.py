@@ -2,7 +2,9 @@
 
 Every model maps float images in ``[0, 1]`` of shape ``(N, C, H, W)`` to logits ``(N, num_classes)``.
 Per-channel normalisation happens *inside* the model (``mean``/``std`` are registered buffers), so
-attacks can work directly in ``[0, 1]`` pixel space. No model uses dropout in eval mode, so eval-mode
+attacks can work directly in ``[0, 1]`` pixel space. Activations are switched to channels-last memory
+format inside ``forward`` (oneDNN CPU convolutions are much faster so; weights and outputs are
+unaffected). No model uses dropout in eval mode, so eval-mode
 forward passes are deterministic.
 
 Architectures:
@@ -132,7 +134,10 @@ class ConvNet(nn.Module):
                 torch.nn.init.dirac_(w[: w.size(1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_act(self.stem(self.normalize(x)))
+        # channels-last activations make oneDNN's CPU convolutions ~1.6x faster (forward and backward),
+        # whatever the memory format of the weights and of the caller's input
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
+        x = self.stem_act(self.stem(x))
         x = self.groups(x)
         x = torch.amax(x, dim=(2, 3))
         return self.head(x) * self.logit_scale
@@ -195,7 +200,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
+        out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
@@ -265,7 +271,8 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.blocks(self.conv1(self.normalize(x)))
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
+        out = self.blocks(self.conv1(x))
         out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
