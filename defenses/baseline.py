@@ -17,7 +17,6 @@ NONE = DefenseEntry(
     paper="No defense (undefended base classifier)",
     citation="-",
     build=build,
-    datasets=("cifar10", "cifar100"),
     reported=(
         Reported("cifar10", "linf", "8/255", "AutoAttack standard", 94.78, 0.0,
                  "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),

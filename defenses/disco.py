@@ -26,7 +26,6 @@ not fixed by the papers, visible in the presets:
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -35,16 +34,13 @@ from torch import nn
 
 from harness.noise import NoiseDraws
 from harness.registry import Defense, DefenseEntry, Kind, Purifier, Reported
-from harness.train.pairs import adversarial_pairs
-from harness.train.purifier import train_purifier
+from harness.train.purifier import train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from harness.context import BuildContext, TrainContext
 
 __all__ = ["DISCO", "DiscoPurifier", "EDSRBaseline", "LIIF", "PRESETS", "disco_loss", "new_purifier",
            "pixel_grid"]
-
-log = logging.getLogger(__name__)
 
 
 class _ResBlock(nn.Module):
@@ -177,16 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def train(ctx: "TrainContext") -> dict[str, torch.Tensor]:
-    """Generate the PGD pairs on ``ctx.train_split``, then train the purifier with the L1 loss."""
-    pairs = dict(ctx.config["pairs"])
-    split = ctx.train_split
-    pairs["n"] = len(split.labels) if pairs["n"] is None else min(pairs["n"], len(split.labels))
-    x_adv, x_clean = adversarial_pairs(ctx.classifier, split, seed=ctx.seed, progress=ctx.progress, **pairs)
-    model = new_purifier(ctx.config["model"], split.info.image_shape, seed=ctx.seed + 1).to(ctx.device)
-    metrics = train_purifier(model, x_adv.to(ctx.device), x_clean.to(ctx.device), disco_loss,
-                             seed=ctx.seed + 2, progress=ctx.progress, **ctx.config["train"])
-    log.info("disco training: %s", metrics)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Train the purifier with the L1 loss on the PGD pairs of ``ctx.train_split``."""
+    return train_on_pairs(ctx, new_purifier, [(disco_loss, ctx.config["train"])])
 
 
 def build(ctx: "BuildContext") -> Defense:

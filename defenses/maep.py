@@ -22,7 +22,6 @@ Choices not fixed by the paper text (kept visible in the preset configs):
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -31,15 +30,12 @@ from torch import nn
 
 from harness.noise import NoiseDraws
 from harness.registry import Defense, DefenseEntry, Kind, Purifier, Reported
-from harness.train.pairs import adversarial_pairs
-from harness.train.purifier import LossFn, train_purifier
+from harness.train.purifier import LossFn, train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from harness.context import BuildContext, TrainContext
 
 __all__ = ["MAEP", "MAEPurifier", "maep_loss", "PRESETS"]
-
-log = logging.getLogger(__name__)
 
 
 def sincos_position_embedding(dim: int, grid: int) -> torch.Tensor:
@@ -184,18 +180,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def train(ctx: "TrainContext") -> dict[str, torch.Tensor]:
-    """Generate the PGD pairs on ``ctx.train_split``, then train the purifier with ``L_MAEP``."""
-    pairs = dict(ctx.config["pairs"])
-    split = ctx.train_split
-    pairs["n"] = len(split.labels) if pairs["n"] is None else pairs["n"]
-    x_adv, x_clean = adversarial_pairs(ctx.classifier, split, seed=ctx.seed, progress=ctx.progress, **pairs)
-    model = new_purifier(ctx.config["model"], split.info.image_shape, seed=ctx.seed + 1).to(ctx.device)
+    """Train the purifier with ``L_MAEP`` on the PGD pairs of ``ctx.train_split``."""
     settings = dict(ctx.config["train"])
-    loss_fn = maep_loss(settings.pop("mask_ratio"))
-    metrics = train_purifier(model, x_adv.to(ctx.device), x_clean.to(ctx.device), loss_fn,
-                             seed=ctx.seed + 2, progress=ctx.progress, **settings)
-    log.info("maep training: %s", metrics)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return train_on_pairs(ctx, new_purifier, [(maep_loss(settings.pop("mask_ratio")), settings)])
 
 
 def build(ctx: "BuildContext") -> Defense:

@@ -17,7 +17,6 @@ symbols were lost in extraction. TRADES in latent space (Eq. 21) needs the encod
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -26,15 +25,12 @@ from torch import nn
 
 from defenses.maep import MAEP, PRESETS as MAEP_PRESETS, maep_loss, new_purifier
 from harness.registry import DefenseEntry
-from harness.train.pairs import adversarial_pairs
-from harness.train.purifier import LossFn, train_purifier
+from harness.train.purifier import LossFn, Stage, train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from harness.context import TrainContext
 
 __all__ = ["MAEP_MLM", "MAEP_BOTH", "MAEP_TRADES_PIXEL", "mlm_loss", "both_loss", "trades_pixel_loss"]
-
-log = logging.getLogger(__name__)
 
 
 def _patch_mask(model: nn.Module, batch: int, mask_ratio: float, state: torch.Tensor) -> torch.Tensor:
@@ -84,28 +80,19 @@ def trades_pixel_loss(mask_ratio: float, beta: float) -> LossFn:
     return loss
 
 
-Stages = Callable[[dict[str, Any]], list[tuple[LossFn, dict[str, Any]]]]
+Stages = Callable[[dict[str, Any]], list[Stage]]
 
 
 def _train_with(stages: Stages) -> Callable[["TrainContext"], dict[str, torch.Tensor]]:
     """A ``train`` recipe: MAEP's pairs and model, then each ``(loss, settings)`` stage in turn."""
 
     def train(ctx: "TrainContext") -> dict[str, torch.Tensor]:
-        pairs = dict(ctx.config["pairs"])
-        split = ctx.train_split
-        pairs["n"] = len(split.labels) if pairs["n"] is None else min(pairs["n"], len(split.labels))
-        x_adv, x_clean = adversarial_pairs(ctx.classifier, split, seed=ctx.seed, progress=ctx.progress, **pairs)
-        model = new_purifier(ctx.config["model"], split.info.image_shape, seed=ctx.seed + 1).to(ctx.device)
-        for k, (loss_fn, settings) in enumerate(stages(dict(ctx.config["train"]))):
-            metrics = train_purifier(model, x_adv.to(ctx.device), x_clean.to(ctx.device), loss_fn,
-                                     seed=ctx.seed + 2 + k, progress=ctx.progress, **settings)
-            log.info("%s stage %d: %s", ctx.entry_name, k + 1, metrics)
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return train_on_pairs(ctx, new_purifier, stages(dict(ctx.config["train"])))
 
     return train
 
 
-def _mlm_stages(settings: dict[str, Any]) -> list[tuple[LossFn, dict[str, Any]]]:
+def _mlm_stages(settings: dict[str, Any]) -> list[Stage]:
     finetune = settings.pop("finetune_epochs")
     stages = [(mlm_loss(settings.pop("mask_ratio")), settings)]
     if finetune:
@@ -113,11 +100,11 @@ def _mlm_stages(settings: dict[str, Any]) -> list[tuple[LossFn, dict[str, Any]]]
     return stages
 
 
-def _both_stages(settings: dict[str, Any]) -> list[tuple[LossFn, dict[str, Any]]]:
+def _both_stages(settings: dict[str, Any]) -> list[Stage]:
     return [(both_loss(settings.pop("mask_ratio")), settings)]
 
 
-def _trades_stages(settings: dict[str, Any]) -> list[tuple[LossFn, dict[str, Any]]]:
+def _trades_stages(settings: dict[str, Any]) -> list[Stage]:
     return [(trades_pixel_loss(settings.pop("mask_ratio"), settings.pop("beta")), settings)]
 
 

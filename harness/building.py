@@ -1,5 +1,8 @@
 """Turn a registered entry into a ready :class:`~harness.registry.Defense`, training its weights on
-demand (cached under the hash of the recipe: entry@version, preset, classifier, training data, seed)."""
+demand (cached under the hash of the recipe: entry@version, preset, classifier, training data, seed).
+
+:func:`build_transferred_defense` puts a purifier trained on one dataset in front of another
+dataset's classifier (defense transfer, MAEP paper Tables 7-9)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from harness.classifiers import LoadedClassifier
 from harness.context import BuildContext, TrainContext
 from harness.data import DatasetInfo, load_split
 from harness.errors import UsageError
-from harness.registry import Defense, DefenseEntry
+from harness.registry import Defense, DefenseEntry, Kind
+from harness.transfer import ShapeAdapter
 
 
 def resolve_preset(entry: DefenseEntry, preset: str | None) -> str | None:
@@ -51,9 +55,7 @@ def build_defense(entry: DefenseEntry, preset: str | None, classifier: LoadedCla
                   dataset: DatasetInfo, artifacts: ArtifactCache, *, options: Mapping[str, Any] | None = None,
                   data_root: str | None = None, progress: bool = True, seed: int = 0) -> Defense:
     """Build ``entry`` around ``classifier``; its weights are trained on first use."""
-    if dataset.name not in entry.datasets:
-        raise UsageError(f"defense {entry.name!r} does not support dataset {dataset.name!r}; "
-                         f"valid: {', '.join(entry.datasets)}")
+    entry.check_dataset(dataset.name)
 
     def weights() -> dict[str, torch.Tensor]:
         return train_defense_weights(entry, preset, classifier, dataset, artifacts,
@@ -65,6 +67,32 @@ def build_defense(entry: DefenseEntry, preset: str | None, classifier: LoadedCla
     defense = entry.build(ctx)
     if not isinstance(defense, Defense):
         raise TypeError(f"defense {entry.name!r}: build() must return a harness.registry.Defense")
+    return _frozen(defense)
+
+
+def check_transferable(entry: DefenseEntry, train_dataset: str) -> None:
+    """Only purifiers transfer (a robust classifier *is* the classifier), from a dataset they support."""
+    if entry.kind is not Kind.PURIFIER:
+        raise UsageError(f"defense {entry.name!r} is a {entry.kind.value}, not a purifier: only purifiers "
+                         f"can be trained on one dataset and evaluated on another")
+    entry.check_dataset(train_dataset, role="trained on")
+
+
+def build_transferred_defense(entry: DefenseEntry, preset: str | None, source_classifier: LoadedClassifier,
+                              source_dataset: DatasetInfo, target_classifier: LoadedClassifier,
+                              target_dataset: DatasetInfo, artifacts: ArtifactCache, *,
+                              options: Mapping[str, Any] | None = None, data_root: str | None = None,
+                              progress: bool = True, seed: int = 0) -> Defense:
+    """``entry``'s purifier as trained on ``source_dataset`` (against ``source_classifier``), adapted to
+    the image shape of ``target_dataset`` and placed in front of ``target_classifier``."""
+    check_transferable(entry, source_dataset.name)
+    source = build_defense(entry, preset, source_classifier, source_dataset, artifacts, options=options,
+                           data_root=data_root, progress=progress, seed=seed)
+    purifier = ShapeAdapter(source.purifier, source_dataset.image_shape, target_dataset.image_shape)
+    return _frozen(Defense(target_classifier.model, purifier))
+
+
+def _frozen(defense: Defense) -> Defense:
     defense.eval()
     for p in defense.parameters():
         p.requires_grad_(False)

@@ -75,7 +75,7 @@ def _trained(preset: str, dataset: DatasetInfo, data_root: str | None, artifacts
         test = load_split(dataset.name, "test", data_root)
         model, metrics = train_classifier(train.images, train.labels, dataset.num_classes, config,
                                           seed=seed, progress=progress, eval_images=test.images,
-                                          eval_labels=test.labels)
+                                          eval_labels=test.labels, dataset=dataset)
         log.info("trained classifier %s: %s", preset, metrics)
         return model.state_dict()
 

@@ -75,6 +75,11 @@ _data_option = click.option("--data-root", default=None, help="Dataset folder (d
 @click.option("--variant", "variants", multiple=True, default=("clean",), show_default=True,
               help="Test-set variant(s): clean, colored (Reinhard colour shift), corrupt:<name>:<severity>.")
 @click.option("--preset", default=None, help="Defense training preset (default: the entry's `small`).")
+@click.option("--train-dataset", "train_datasets", multiple=True, default=("same",), show_default=True,
+              help="Dataset(s) the purifiers are trained on, comma-separated; 'same' = --dataset. Another "
+                   "dataset evaluates a transferred purifier (resized / channel-mapped to its input shape).")
+@click.option("--train-classifier", default=None,
+              help="Classifier the transferred purifiers are trained against (default: --classifier).")
 @click.option("--option", "options", multiple=True, help="Defense option key=value (stored in the cell).")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute cells that are already stored.")
@@ -82,11 +87,13 @@ _data_option = click.option("--data-root", default=None, help="Dataset folder (d
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @_db_option
 @_data_option
-def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds, variants, preset, options,
-        batch_size, force, no_train, no_progress, db, data_root) -> None:
+def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds, variants, preset,
+        train_datasets, train_classifier, options, batch_size, force, no_train, no_progress, db,
+        data_root) -> None:
     """Evaluate defenses; every (defense, eps, attack, protocol, seed) is a stored cell.
 
     Example: harness run --defense none,maep --dataset cifar10
+    Transfer: harness run --defense maep --dataset fashion-mnist --train-dataset same,cifar10
     """
     from harness.attacks.factory import parse_attack_spec
     from harness.classifiers import DEFAULT_CLASSIFIER
@@ -96,14 +103,17 @@ def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds
     request = RunRequest(
         defenses=_split_csv(defenses), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER,
         threat=threat, eps=_split_csv(eps), attacks=tuple(parse_attack_spec(a) for a in attacks),
-        protocols=_split_csv(protocols), n=n, seeds=seeds, variants=_split_csv(variants), preset=preset, options=parse_options(options),
+        protocols=_split_csv(protocols), n=n, seeds=seeds, variants=_split_csv(variants), preset=preset,
+        train_datasets=tuple(None if d == "same" else d for d in _split_csv(train_datasets)),
+        train_classifier=train_classifier, options=parse_options(options),
         batch_size=batch_size, force=force, allow_train=not no_train, data_root=data_root,
         progress=not no_progress)
     outcomes = run_grid(request, open_db(db))
-    click.echo(f"{'defense':<12} {'variant':<10} {'protocol':<13} {'attack':<18} {'eps':<8} {'seed':>4} "
+    click.echo(f"{'defense':<18} {'variant':<10} {'protocol':<13} {'attack':<18} {'eps':<8} {'seed':>4} "
                f"{'clean':>7} {'robust':>7}  status")
     for o in outcomes:
-        click.echo(f"{o.defense:<12} {o.variant:<10} {o.protocol:<13} {o.attack:<18} {o.eps:<8} {o.seed:>4} "
+        name = o.defense + (f" <- {o.train_dataset}" if o.train_dataset else "")
+        click.echo(f"{name:<18} {o.variant:<10} {o.protocol:<13} {o.attack:<18} {o.eps:<8} {o.seed:>4} "
                    f"{100 * o.clean_acc:7.2f} {100 * o.robust_acc:7.2f}  {o.status}")
 
 
@@ -130,7 +140,7 @@ def list_defenses() -> None:
     click.echo(f"{'name':<16} {'kind':<11} {'stochastic':<10} {'datasets':<18} paper")
     for e in default_registry().entries():
         click.echo(f"{e.name:<16} {e.kind.value:<11} {str(e.stochastic).lower():<10} "
-                   f"{','.join(e.datasets):<18} {e.paper} ({e.citation})")
+                   f"{','.join(e.datasets) or 'any':<18} {e.paper} ({e.citation})")
 
 
 @main.command()

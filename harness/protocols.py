@@ -13,10 +13,16 @@
 
 As in AutoAttack, only the points the defense classifies correctly are attacked; the others keep their
 clean image, so robust accuracy can never exceed clean accuracy.
+
+EOT only pays when the target changes between calls, i.e. under fresh randomness (``adaptive-eot``).
+Every other protocol attacks a fixed function, on which ``eot`` draws are ``eot`` identical gradients:
+:meth:`Protocol.attack_for` runs such an attack with one draw per step, and its ``params()`` (``eot``
+1) are the attack actually used, the ones to record in the cell.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -39,6 +45,16 @@ class BatchResult:
 class Protocol(ABC):
     name: str
     tier: str  # the evaluation tier shown in reports
+    fresh_draws: bool = False  # whether the target draws new randomness on every call
+
+    def attack_for(self, attack: Attack) -> Attack:
+        """The attack this protocol runs: ``attack`` itself, or, when the target is the same function
+        on every call, a copy with one EOT draw per step (the other draws would repeat it exactly)."""
+        if self.fresh_draws or getattr(attack, "eot", 1) <= 1:
+            return attack
+        single = copy.copy(attack)
+        single.eot = 1
+        return single
 
     @abstractmethod
     def target(self, entry: DefenseEntry, defense: Defense, seed: int) -> Target:
@@ -49,6 +65,7 @@ class Protocol(ABC):
 
     def run(self, entry: DefenseEntry, defense: Defense, attack: Attack, x: torch.Tensor,
             y: torch.Tensor, indices: torch.Tensor, seed: int) -> BatchResult:
+        attack = self.attack_for(attack)
         evaluation = FixedNoise(seed, namespace="defense")
         with torch.no_grad():
             clean_pred = defense(x, evaluation.draws(indices)).argmax(1)
@@ -94,6 +111,7 @@ def _batch_seed(seed: int, purpose: str, indices: torch.Tensor) -> int:
 
 class AdaptiveEOT(Protocol):
     name = "adaptive-eot"
+    fresh_draws = True
     worst_of = 10
     tier = (f"adaptive-EOT: attack the whole defense, exact gradients, fresh randomness (EOT); "
             f"fresh-randomness evaluation, worst-of-{worst_of} in extra")

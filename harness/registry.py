@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
+from harness.data.catalog import dataset_names
 from harness.errors import UsageError
 from harness.noise import NoiseDraws
 
@@ -94,7 +95,7 @@ class DefenseEntry:
     paper: str
     citation: str
     build: Callable[["BuildContext"], Defense]
-    datasets: tuple[str, ...] = ("cifar10", "cifar100")
+    datasets: tuple[str, ...] = ()  # the datasets it supports; empty: every dataset harness knows
     stochastic: bool = False
     differentiable: bool = True
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -114,6 +115,15 @@ class DefenseEntry:
         if not self.presets:
             return None
         return "small" if "small" in self.presets else next(iter(self.presets))
+
+    def supported_datasets(self) -> tuple[str, ...]:
+        return self.datasets or tuple(dataset_names())
+
+    def check_dataset(self, dataset: str, role: str = "evaluated on") -> None:
+        """UsageError naming the valid datasets if this entry cannot be ``role`` ``dataset``."""
+        if dataset not in self.supported_datasets():
+            raise UsageError(f"defense {self.name!r} cannot be {role} {dataset!r}; "
+                             f"valid: {', '.join(self.supported_datasets())}")
 
     def preset_config(self, preset: str | None) -> dict[str, Any]:
         if not self.presets:

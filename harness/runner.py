@@ -1,7 +1,8 @@
 """Plan cells -> skip finished ones -> execute the rest batch by batch -> persist.
 
-A cell is (defense@version+preset, classifier, dataset@fingerprint, variant, threat, eps, attack@params,
-protocol, n, seed); its key is a hash of exactly that. Per-sample results are committed one batch at a
+A cell is (defense@version+preset [+ the dataset its purifier was trained on, when that is another one],
+classifier, dataset@fingerprint, variant, threat, eps, attack@params, protocol, n, seed); its key is a
+hash of exactly that. Per-sample results are committed one batch at a
 time, so an interrupted run resumes inside the cell it was in.
 """
 
@@ -23,11 +24,11 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from harness.artifacts import ArtifactCache, canonical_json
-from harness.attacks.base import perturbation_norm
+from harness.attacks.base import Attack, perturbation_norm
 from harness.attacks.factory import build_attack
-from harness.building import build_defense, resolve_preset
+from harness.building import build_defense, build_transferred_defense, check_transferable, resolve_preset
 from harness.classifiers import DEFAULT_CLASSIFIER, LoadedClassifier, resolve_classifier
-from harness.data import Split, dataset_info, load_split
+from harness.data import DatasetInfo, Split, dataset_info, load_split
 from harness.data.variants import apply_variant, parse_variant
 from harness.metrics import batch_quality, merge_quality
 from harness.noise import FixedNoise
@@ -72,6 +73,10 @@ class RunRequest:
     variants: tuple[str, ...] = ("clean",)
     variant_seed: int = 0
     preset: str | None = None
+    #: datasets the purifiers are trained on; ``None`` means the evaluation dataset (no transfer)
+    train_datasets: tuple[str | None, ...] = (None,)
+    #: classifier spec the purifiers of another dataset are trained against (default: ``classifier``)
+    train_classifier: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 128
     force: bool = False
@@ -94,18 +99,37 @@ class CellOutcome:
     status: str  # "done" (computed now) | "skipped" (already stored)
     clean_acc: float
     robust_acc: float
+    train_dataset: str | None = None  # set when the purifier was trained on another dataset
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """Where a transferred purifier was trained: another dataset and the classifier of that dataset."""
+
+    info: DatasetInfo
+    fingerprint: str  # of its training split
+    classifier: LoadedClassifier
+
+    def describe(self) -> dict[str, Any]:
+        return {"train_dataset": self.info.name, "train_fingerprint": self.fingerprint,
+                "train_classifier": self.classifier.id}
 
 
 @dataclass(frozen=True)
 class _PlannedCell:
     entry: DefenseEntry
     preset: str | None
+    source: TrainSource | None  # None: trained on the evaluation dataset
     protocol: Protocol
     threat: ThreatModel
     attack: Mapping[str, Any]
     seed: int
     split: Split  # the (variant of the) test split the cell evaluates
     key_config: dict[str, Any]
+
+    def attack_instance(self) -> Attack:
+        """The attack the cell runs (the protocol drops EOT draws that would repeat fixed noise)."""
+        return self.protocol.attack_for(build_attack(self.attack, self.threat))
 
     @property
     def key(self) -> str:
@@ -118,6 +142,9 @@ def _validate(request: RunRequest, registry: Registry) -> tuple[list[DefenseEntr
         raise UsageError(f"no defense given; valid: {', '.join(registry.names())}")
     entries = [registry.get(name) for name in request.defenses]
     dataset_info(request.dataset)
+    transfers = [d for d in request.train_datasets if d not in (None, request.dataset)]
+    for name in transfers:
+        dataset_info(name)
     protocols = [get_protocol(name) for name in request.protocols]
     threats = [ThreatModel(request.threat, Epsilon.parse(e)) for e in request.eps]
     for variant in request.variants:
@@ -125,10 +152,10 @@ def _validate(request: RunRequest, registry: Registry) -> tuple[list[DefenseEntr
     for threat, spec in itertools.product(threats, request.attacks):
         build_attack(spec, threat)
     for entry in entries:
-        if request.dataset not in entry.datasets:
-            raise UsageError(f"defense {entry.name!r} does not support dataset {request.dataset!r}; "
-                             f"valid: {', '.join(entry.datasets)}")
+        entry.check_dataset(request.dataset)
         resolve_preset(entry, request.preset if entry.presets else None)
+        for name in transfers:
+            check_transferable(entry, name)
         for protocol in protocols:
             protocol.check(entry)
     if request.n < 1:
@@ -137,12 +164,13 @@ def _validate(request: RunRequest, registry: Registry) -> tuple[list[DefenseEntr
 
 
 def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
-          classifier_id: str, splits: dict[str, Split]) -> list[_PlannedCell]:
+          classifier_id: str, splits: dict[str, Split], sources: dict[str | None, TrainSource | None]
+          ) -> list[_PlannedCell]:
     preset = resolve_preset(entry, request.preset if entry.presets else None)
     cells = []
-    for (variant, test), threat, spec, protocol, seed in itertools.product(
-            splits.items(), threats, request.attacks, protocols, request.seeds):
-        attack = build_attack(spec, threat)
+    for source, (variant, test), threat, spec, protocol, seed in itertools.product(
+            sources.values(), splits.items(), threats, request.attacks, protocols, request.seeds):
+        attack = protocol.attack_for(build_attack(spec, threat))
         dataset = {"name": test.info.name, "split": test.split, "fingerprint": test.fingerprint,
                    "variant": variant, "subset": SUBSET_RULE}
         if variant == "colored":
@@ -150,14 +178,15 @@ def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], t
         key_config = {
             "defense": {"name": entry.name, "version": entry.version, "preset": preset,
                         "preset_config": entry.preset_config(preset), "options": dict(request.options),
-                        "train_seed": request.train_seed},
+                        "train_seed": request.train_seed, **(source.describe() if source else {})},
             "classifier": classifier_id,
             "dataset": dataset,
             "threat": threat.describe(), "attack": attack.params(), "protocol": protocol.name,
             "n": min(request.n, len(test.labels)), "seed": seed,
         }
-        cells.append(_PlannedCell(entry, preset, protocol, threat, spec, seed, test, key_config))
-    return cells
+        cells.append(_PlannedCell(entry, preset, source, protocol, threat, spec, seed, test, key_config))
+    # e.g. pgd and pgd:eot=4 under a fixed-randomness protocol are the same attack, hence the same cell
+    return list({cell.key: cell for cell in cells}.values())
 
 
 def _entry_metadata(entry: DefenseEntry) -> dict[str, Any]:
@@ -175,7 +204,7 @@ def _open_cell(session: Session, planned: _PlannedCell, run: Run, classifier: Lo
             reset_cell(session, cell)
         cell.run_id = run.id
         return cell
-    attack = build_attack(planned.attack, planned.threat)
+    attack = planned.attack_instance()
     test = planned.split
     config = dict(planned.key_config, entry=_entry_metadata(planned.entry), protocol_tier=planned.protocol.tier,
                   classifier_provenance=classifier.provenance, data_source=test.source,
@@ -201,7 +230,7 @@ def _check_batch(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel, norm
 
 def _execute(session: Session, cell: Cell, planned: _PlannedCell, defense: Defense,
              request: RunRequest) -> None:
-    attack = build_attack(planned.attack, planned.threat)
+    attack = planned.attack_instance()
     test = planned.split
     measure_quality = planned.entry.kind is Kind.PURIFIER
     done = done_indices(session, cell)
@@ -261,13 +290,14 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry | None = No
                                     data_root=request.data_root, threat=request.threat,
                                     progress=request.progress, seed=request.train_seed)
     splits = {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
+    sources = {name: _train_source(request, name, artifacts) for name in dict.fromkeys(request.train_datasets)}
     outcomes: list[CellOutcome] = []
     with Session(engine, expire_on_commit=False) as session:
         run = _start_run(session)
         try:
             for entry in entries:
                 outcomes += _run_entry(session, run, request, entry, protocols, threats, classifier, splits,
-                                       artifacts)
+                                       sources, artifacts)
         except BaseException:
             session.rollback()
             run.status, run.finished_at = "interrupted", utcnow()
@@ -278,20 +308,42 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry | None = No
     return outcomes
 
 
+def _train_source(request: RunRequest, name: str | None, artifacts: ArtifactCache) -> TrainSource | None:
+    """The training dataset and classifier of purifiers transferred from ``name`` (``None``: no transfer)."""
+    if name in (None, request.dataset):
+        return None
+    info = dataset_info(name)
+    classifier = resolve_classifier(request.train_classifier or request.classifier, info, artifacts=artifacts,
+                                    data_root=request.data_root, threat=request.threat,
+                                    progress=request.progress, seed=request.train_seed)
+    return TrainSource(info, load_split(name, "train", request.data_root).fingerprint, classifier)
+
+
+def _build(request: RunRequest, item: _PlannedCell, classifier: LoadedClassifier,
+           artifacts: ArtifactCache) -> Defense:
+    kwargs = dict(options=request.options, data_root=request.data_root, progress=request.progress,
+                  seed=request.train_seed)
+    if item.source is None:
+        return build_defense(item.entry, item.preset, classifier, item.split.info, artifacts, **kwargs)
+    return build_transferred_defense(item.entry, item.preset, item.source.classifier, item.source.info,
+                                     classifier, item.split.info, artifacts, **kwargs)
+
+
 def _run_entry(session: Session, run: Run, request: RunRequest, entry: DefenseEntry,
                protocols: list[Protocol], threats: list[ThreatModel], classifier: LoadedClassifier,
-               splits: dict[str, Split], artifacts: ArtifactCache) -> list[CellOutcome]:
-    planned = _plan(request, entry, protocols, threats, classifier.id, splits)
-    defense: Defense | None = None
+               splits: dict[str, Split], sources: dict[str | None, TrainSource | None],
+               artifacts: ArtifactCache) -> list[CellOutcome]:
+    planned = _plan(request, entry, protocols, threats, classifier.id, splits, sources)
+    defenses: dict[str | None, Defense] = {}  # built on first need, per training dataset
     outcomes = []
     for item in planned:
         cell = find_cell(session, item.key)
         status = "skipped"
         if cell is None or cell.status != "done" or request.force:
-            if defense is None:
-                defense = build_defense(entry, item.preset, classifier, item.split.info, artifacts,
-                                        options=request.options, data_root=request.data_root,
-                                        progress=request.progress, seed=request.train_seed)
+            source = item.source.info.name if item.source else None
+            if source not in defenses:
+                defenses[source] = _build(request, item, classifier, artifacts)
+            defense = defenses[source]
             cell = _open_cell(session, item, run, classifier, defense, request.force)
             session.commit()
             _execute(session, cell, item, defense, request)
@@ -299,6 +351,7 @@ def _run_entry(session: Session, run: Run, request: RunRequest, entry: DefenseEn
         else:
             log.info("skipping finished cell %s (%s %s)", item.key, entry.name, item.protocol.name)
         outcomes.append(CellOutcome(cell.key, entry.name, cell.variant, cell.protocol, cell.attack_label, cell.eps_text,
-                                    cell.seed, status, cell.clean_acc, cell.robust_acc))
+                                    cell.seed, status, cell.clean_acc, cell.robust_acc,
+                                    item.source.info.name if item.source else None))
     return outcomes
 

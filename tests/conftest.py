@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated harness home, a tiny synthetic CIFAR-10, and the real JPEG copy."""
+"""Shared fixtures: an isolated harness home, a tiny synthetic CIFAR-10, the real JPEG copy, one torch
+thread, and a saved untrained classifier."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +55,13 @@ def tiny_cifar(harness_home, tmp_path) -> Path:
 def real_data_root(tmp_path_factory) -> Path:
     """The CIFAR-10 JPEG copy from the local mirror, imported once per session."""
     from harness.data import load_split
+    from harness.data.datasets import mirror_dirs
 
-    mirror = os.environ.get("HARNESS_DATA_MIRROR") or str(REPO.parent / "shared" / "data")
-    if not (Path(mirror) / "cifar10-jpeg.tar.gz").is_file():
+    folders = [str(d) for d in mirror_dirs() + [REPO.parent / "shared" / "data"]
+               if (d / "cifar10-jpeg.tar.gz").is_file()]
+    if not folders:
         pytest.skip("the CIFAR-10 mirror (../shared/data) is not available")
+    mirror = folders[0]
     root = tmp_path_factory.mktemp("real-data")
     old = os.environ.get("HARNESS_DATA_MIRROR")
     os.environ["HARNESS_DATA_MIRROR"] = mirror
@@ -68,3 +73,24 @@ def real_data_root(tmp_path_factory) -> Path:
         else:
             os.environ["HARNESS_DATA_MIRROR"] = old
     return root
+
+
+@pytest.fixture()
+def one_thread():
+    """Run the test on one torch thread (the machine is shared; batched CPU kernels differ otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def classifier_file(tmp_path) -> str:
+    """An untrained ``convnet-tiny`` for 10 classes (initialised from seed 0), saved as safetensors."""
+    from harness.classifiers import save_classifier
+    from harness.models.classifiers import build_classifier
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_classifier("convnet-tiny", 10)
+    return str(save_classifier(model, "convnet-tiny", 10, tmp_path / "c.safetensors"))

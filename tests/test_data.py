@@ -13,7 +13,7 @@ import tarfile
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -149,12 +149,12 @@ def leftovers(root: Path) -> list[str]:
 # --- catalog --------------------------------------------------------------------------------------
 
 def test_catalog_and_unknown_names():
-    assert dataset_names() == ["cifar10", "cifar100"]
+    assert dataset_names() == ["cifar10", "cifar100", "fashion-mnist", "mnist", "imagenet"]
     assert dataset_info("cifar10") == DatasetInfo("cifar10", 10, (3, 32, 32), CIFAR10)
     assert CIFAR10[0] == "airplane" and CIFAR10[-1] == "truck"
     assert dataset_info("cifar100").num_classes == 100
-    for call in (lambda: dataset_info("imagenet"), lambda: load_split("mnist", "test")):
-        with pytest.raises(UsageError, match="cifar10, cifar100"):
+    for call in (lambda: dataset_info("svhn"), lambda: load_split("tiny-imagenet", "test")):
+        with pytest.raises(UsageError, match="cifar10, cifar100, fashion-mnist, mnist, imagenet"):
             call()
     with pytest.raises(UsageError, match="train, test"):
         load_split("cifar10", "val")
@@ -261,7 +261,7 @@ def test_imagefolder_other_class_names_use_sorted_order(tmp_path):
 def test_imagefolder_needs_both_splits_and_right_size(tmp_path):
     src = tmp_path / "src"
     write_png(src / "train" / "cat" / "0.png", np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(UsageError, match="no test/<class>/ images"):
+    with pytest.raises(UsageError, match="no test/<class>/ or val/<class>/ images"):
         import_dataset("cifar10", src, root=tmp_path / "root", progress=False)
     write_png(src / "test" / "cat" / "0.png", np.zeros((16, 16, 3), np.uint8))
     with pytest.raises(UsageError, match="16x16, expected 32x32"):
@@ -342,13 +342,13 @@ def test_interrupted_import_keeps_previous_copy(tmp_path, monkeypatch):
     import_dataset("cifar10", folder, root=root, progress=False)
     before = load_split("cifar10", "train", root=root).fingerprint
     other, _ = make_cifar10(tmp_path / "other", seed=5)
-    real_savez = np.savez
+    real_write = store._write_split
 
-    def savez_then_die(path, **arrays):
-        real_savez(path, **arrays)
+    def write_then_die(*args):
+        real_write(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", savez_then_die)
+    monkeypatch.setattr(store, "_write_split", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         import_dataset("cifar10", other, root=root, progress=False)
     monkeypatch.undo()
@@ -369,7 +369,8 @@ def test_dataset_status(tmp_path):
     folder, _ = make_cifar10(tmp_path / "src")
     import_dataset("cifar10", folder, root=tmp_path / "root", progress=False)
     rows = {row["name"]: row for row in dataset_status(tmp_path / "root")}
-    assert set(rows) == {"cifar10", "cifar100"}
+    assert list(rows) == ["cifar10", "cifar100", "fashion-mnist", "mnist", "imagenet"]
+    assert rows["fashion-mnist"]["shape"] == "1x28x28" and rows["imagenet"]["classes"] == 1000
     c10, c100 = rows["cifar10"], rows["cifar100"]
     assert c10["present"] and c10["n_train"] == 15 and c10["n_test"] == 3
     assert c10["source"] == "cifar10 official (python pickle)"
@@ -455,20 +456,29 @@ def test_fetch_from_loopback_server(tmp_path, monkeypatch):
 
 
 def test_parallel_decode_matches_serial(tmp_path, monkeypatch):
-    from harness.data import formats
+    from harness.data import imagefolder
 
     rng = np.random.default_rng(3)
-    blobs = []
+    files = {}
     for i in range(5):
         write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-        blobs.append((f"{i}.png", (tmp_path / f"{i}.png").read_bytes()))
-    serial = formats.decode_images(blobs, (3, 32, 32), progress=False)
-    monkeypatch.setattr(formats, "_POOL_MIN_IMAGES", 0)
-    monkeypatch.setattr(formats, "_CHUNK", 2)
+        files[PurePosixPath(f"{i}.png")] = (tmp_path / f"{i}.png").read_bytes()
+    names = list(files)
+
+    def decode(names, files):
+        blocks = list(imagefolder.decode_images(names, files, (3, 32, 32), progress=False))
+        return np.concatenate(blocks), [len(b) for b in blocks]
+
+    serial, sizes = decode(names, files)
+    assert serial.shape == (5, 3, 32, 32) and sizes == [5]
+    monkeypatch.setattr(imagefolder, "_POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(imagefolder, "_CHUNK", 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    np.testing.assert_array_equal(formats.decode_images(blobs, (3, 32, 32), progress=False), serial)
+    parallel, sizes = decode(names, files)
+    np.testing.assert_array_equal(parallel, serial)
+    assert sizes == [2, 2, 1]
     with pytest.raises(UsageError, match="cannot decode image bad.png"):
-        formats.decode_images(blobs + [("bad.png", b"not a png")], (3, 32, 32), progress=False)
+        decode(names + [PurePosixPath("bad.png")], {**files, PurePosixPath("bad.png"): b"not a png"})
 
 
 def test_leftovers_of_a_killed_import_are_cleaned(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,35 @@ def test_mlm_mask_replays_maep_mask():
         same = model.reconstruct(x + mask * 0.3, 0.5, torch.Generator().set_state(state))
         moved = model.reconstruct(x + (1 - mask) * 0.3, 0.5, torch.Generator().set_state(state))
     assert torch.allclose(out, same, atol=1e-6) and not torch.allclose(out, moved, atol=1e-3)
+
+
+# --- PGD pairs: one cached artifact shared by every recipe with the same pair settings -----------
+
+def test_entries_with_the_same_pairs_compute_them_once(tmp_path, monkeypatch):
+    import harness.train.pairs as pairs_module
+    from harness.artifacts import ArtifactCache
+    from harness.registry import default_registry
+    from harness.train.pairs import adversarial_pairs, training_pairs
+
+    calls = []
+    generate = pairs_module._generate
+    monkeypatch.setattr(pairs_module, "_generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    registry, cache = default_registry(), ArtifactCache(tmp_path)
+    split, classifier = _split(), _classifier()
+    maep_train = dict(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, mask_ratio=0.5)
+    recipes = {"maep": dict(MAEP_TINY, train=dict(maep_train, clean_fraction=0.0)),
+               "maep-both": dict(MAEP_TINY, train=maep_train),
+               "disco": dict(TINY, pairs=MAEP_TINY["pairs"])}
+    contexts = {name: TrainContext(entry_name=name, config=config, train_split=split, classifier=classifier,
+                                   seed=1, progress=False, artifacts=cache) for name, config in recipes.items()}
+    cached = {name: registry.get(name).train(ctx) for name, ctx in contexts.items()}
+    assert len(calls) == 1 and len(list((tmp_path / "pairs").iterdir())) == 1
+
+    x_adv, x_clean = training_pairs(contexts["disco"], MAEP_TINY["pairs"])
+    ref_adv, ref_clean = adversarial_pairs(classifier, split, seed=1, progress=False, **MAEP_TINY["pairs"])
+    assert torch.equal(x_adv, ref_adv) and torch.equal(x_clean, ref_clean)
+    direct = registry.get("disco").train(dataclasses.replace(contexts["disco"], artifacts=None))
+    assert all(torch.equal(direct[k], v) for k, v in cached["disco"].items())  # cache or not, same weights
+
+    training_pairs(dataclasses.replace(contexts["disco"], seed=2), MAEP_TINY["pairs"])
+    assert len(list((tmp_path / "pairs").iterdir())) == 2  # another seed, other pairs

@@ -12,7 +12,7 @@ from defenses.maep import MAEP, MAEPurifier, maep_loss, new_purifier
 from harness.context import BuildContext, TrainContext
 from harness.data import DatasetInfo, Split
 from harness.noise import FixedNoise, NoiseDraws
-from harness.train.pairs import adversarial_pairs
+from harness.train.pairs import adversarial_pairs, module_fingerprint, pairs_recipe
 from harness.train.purifier import train_purifier
 
 EPS = 8 / 255
@@ -151,6 +151,30 @@ def test_adversarial_pairs_within_eps_and_seeded(classifier, split):
     assert not torch.equal(other_x, x)
     with pytest.raises(ValueError):
         adversarial_pairs(classifier, split, batch_size=16, seed=3, **{**kwargs, "n": 10_000})
+
+
+def test_pairs_recipe_names_what_determines_the_pairs(classifier, split):
+    settings = dict(TINY["pairs"], n=40)
+    recipe = pairs_recipe(classifier, split, seed=0, **settings)
+    assert recipe == pairs_recipe(copy.deepcopy(classifier), split, seed=0, **dict(settings, eps=EPS))
+    assert recipe["train_fingerprint"] == "toy" and recipe["attack"]["step_size"] == 2 / 255
+    changed = copy.deepcopy(classifier)
+    with torch.no_grad():
+        changed[1].bias[0] += 1e-3
+    others = [pairs_recipe(changed, split, seed=0, **settings), pairs_recipe(classifier, split, seed=1, **settings),
+              pairs_recipe(classifier, split, seed=0, **dict(settings, n=41)),
+              pairs_recipe(classifier, split, seed=0, **dict(settings, steps=3))]
+    assert all(other != recipe for other in others)
+
+
+def test_module_fingerprint_sees_architecture_and_buffers():
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    strided = copy.deepcopy(base)
+    strided[0].stride = (2, 2)
+    moved = copy.deepcopy(base)
+    moved[1].running_mean += 1
+    prints = {module_fingerprint(m) for m in (base, strided, moved)}
+    assert len(prints) == 3 and module_fingerprint(copy.deepcopy(base)) == module_fingerprint(base)
 
 
 def test_gradients_reach_the_input(defense, split):

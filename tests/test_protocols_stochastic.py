@@ -103,3 +103,28 @@ def test_protocol_registry_and_checks():
     with pytest.raises(UsageError, match="not differentiable"):
         get_protocol("adaptive-eot").check(opaque)
     get_protocol("bpda").check(opaque)
+
+
+def test_fixed_randomness_protocols_run_eot_once(setup):
+    """Under fixed randomness the target is one function: EOT draws would repeat the same gradient."""
+    defense, x, y, indices = setup
+    threat = ThreatModel("linf", Epsilon.parse("2/255"))
+    single, repeated = PGD(threat, steps=2), PGD(threat, steps=2, eot=3)
+    for name in ("non-adaptive", "adaptive", "bpda"):
+        used = get_protocol(name).attack_for(repeated)
+        assert used.params() == single.params() and used.label() == "PGD-2"
+        assert get_protocol(name).attack_for(single) is single  # non-EOT attacks (and keys) unchanged
+    assert repeated.eot == 3 and get_protocol("adaptive-eot").attack_for(repeated) is repeated
+
+    calls = []
+    hook = defense.classifier.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        runs = []
+        for attack in (single, repeated):
+            calls.clear()
+            result = get_protocol("adaptive").run(DIFFPURE, defense, attack, x[:4], y[:4], indices[:4], 0)
+            runs.append((result.x_adv, len(calls)))
+    finally:
+        hook.remove()
+    (x_single, calls_single), (x_repeated, calls_repeated) = runs
+    assert calls_single == calls_repeated and torch.equal(x_single, x_repeated)

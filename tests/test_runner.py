@@ -96,7 +96,7 @@ def test_interrupted_cell_resumes(tiny_cifar, tmp_path, classifier_file, monkeyp
     ("defenses", ("nope",), "none"),
     ("protocols", ("sideways",), "non-adaptive, adaptive"),
     ("eps", ("lots",), "8/255"),
-    ("dataset", "mnist", "cifar10, cifar100"),
+    ("dataset", "svhn", "cifar10, cifar100"),
     ("attacks", ({"name": "pgd", "stepz": 1},), "bad options"),
 ])
 def test_bad_input_is_a_clear_error_and_stores_nothing(tiny_cifar, tmp_path, classifier_file, field, value, valid):

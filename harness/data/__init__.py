@@ -1,7 +1,9 @@
-"""Datasets (CIFAR-10, CIFAR-100): import once into the data root, then load splits as uint8 tensors.
+"""Datasets (CIFAR-10/100, MNIST, Fashion-MNIST, ImageNet): import once into the data root, then load
+splits as uint8 tensors.
 
-See :mod:`harness.data.formats` for the accepted inputs and the ImageFolder sample order, and
-:mod:`harness.data.store` for the on-disk layout.
+See :mod:`harness.data.catalog` for the datasets, :mod:`harness.data.formats` for the accepted inputs,
+:mod:`harness.data.imagefolder` for the ImageFolder sample order and :mod:`harness.data.store` for the
+on-disk layout.
 """
 
 from harness.data.catalog import SPLITS, DatasetInfo, dataset_info, dataset_names

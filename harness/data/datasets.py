@@ -9,7 +9,7 @@ from typing import Any
 
 from harness.data import store
 from harness.data.catalog import CatalogEntry, catalog_entry, check_split, dataset_names
-from harness.data.formats import decode
+from harness.data.formats import decoding
 from harness.data.sources import file_sha256
 from harness.errors import MissingArtifactError, UsageError
 from harness.paths import data_root
@@ -22,9 +22,10 @@ def import_dataset(name: str, path: str | os.PathLike, root: str | os.PathLike |
                    progress: bool = True) -> Path:
     """Import ``path`` as dataset ``name`` into the data root; return the dataset's folder.
 
-    ``path`` is the official python-pickle release (``cifar-10-python.tar.gz`` or its extracted
-    folder) or an ImageFolder (``train/<class>/*``, ``test/<class>/*``) as a folder or a
-    .tar/.tar.gz/.zip archive. Any previous copy of the dataset is replaced.
+    ``path`` is the official release (``cifar-10-python.tar.gz`` or its extracted folder; a folder or
+    archive holding the four IDX files of (Fashion-)MNIST, gzipped or not) or an ImageFolder
+    (``train/<class>/*`` and ``test/<class>/*`` or ``val/<class>/*``) as a folder or a .tar/.tar.gz/.zip
+    archive. Any previous copy of the dataset is replaced.
     """
     entry = catalog_entry(name)
     root = data_root(root)
@@ -40,17 +41,22 @@ def import_from(entry: CatalogEntry, path: Path, root: Path, progress: bool, ori
                 url: str | None = None) -> dict[str, Any]:
     """Decode and store ``path`` (call under ``store.locked``); return the stored meta."""
     name = entry.info.name
-    decoded = decode(entry, path, progress)
     original = original or path.name
     archive = path.is_file()
-    if decoded.official:
-        source = f"{name} official (python pickle)"
-    else:
-        source = f"{name} ImageFolder {'archive' if archive else 'folder'} {original}"
-    provenance = {"original": original, "archive_sha256": file_sha256(path) if archive else None}
-    if url:
-        provenance["url"] = url
-    meta = store.write_dataset(root, entry.info, decoded, source, provenance)
+    with decoding(entry, path, progress) as decoded:
+        if decoded.official:
+            source = f"{name} official ({decoded.kind})"
+        else:
+            source = f"{name} ImageFolder {'archive' if archive else 'folder'} {original}"
+        provenance: dict[str, Any] = {"original": original,
+                                      "archive_sha256": file_sha256(path) if archive else None}
+        if decoded.files_sha256:
+            provenance["files_sha256"] = decoded.files_sha256
+        if decoded.preprocess:
+            provenance["preprocess"] = decoded.preprocess
+        if url:
+            provenance["url"] = url
+        meta = store.write_dataset(root, entry.info, decoded, source, provenance)
     splits = meta["splits"]
     log.info("imported %s from %s into %s: %d train / %d test images, fingerprints train %s, test %s",
              name, original, root / name, splits["train"]["n"], splits["test"]["n"],
@@ -98,10 +104,12 @@ def _import_from_mirror(entry: CatalogEntry, root: Path) -> None:
                     failures.append(f"{candidate}: {exc}")
     looked = (f" ({MIRROR_ENV} has none of them: {', '.join(map(str, dirs))})" if dirs and not failures
               else f" (mirror files failed: {'; '.join(failures)})" if failures else "")
+    fetch = (f"run `harness data fetch {name}` (downloads the official release) or " if entry.official
+             else f"{entry.how_to_get}; or ")
     raise MissingArtifactError(
-        f"dataset {name} is not in {root}; run `harness data fetch {name}` (downloads the official "
-        f"archive) or `harness data import {name} PATH` (official archive or ImageFolder folder/archive), "
-        f"or set {MIRROR_ENV} to a folder holding one of {', '.join(entry.mirror_names)}{looked}")
+        f"dataset {name} is not in {root}; {fetch}`harness data import {name} PATH` (official release or "
+        f"ImageFolder folder/archive), or set {MIRROR_ENV} to a folder holding one of "
+        f"{', '.join(entry.mirror_names)}{looked}")
 
 
 def dataset_status(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -109,10 +117,12 @@ def dataset_status(root: str | os.PathLike | None = None) -> list[dict[str, Any]
     root = data_root(root)
     rows = []
     for name in dataset_names():
+        info = catalog_entry(name).info
         meta = store.read_meta(root, name) or {}
         splits = meta.get("splits", {})
         rows.append({
-            "name": name, "present": bool(meta), "source": meta.get("source"),
+            "name": name, "shape": "x".join(map(str, info.image_shape)), "classes": info.num_classes,
+            "present": bool(meta), "source": meta.get("source"),
             "n_train": splits.get("train", {}).get("n"), "n_test": splits.get("test", {}).get("n"),
             "fingerprints": {s: v["fingerprint"] for s, v in splits.items()},
             "original": meta.get("original"), "path": str(root / name),

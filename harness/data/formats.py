@@ -1,69 +1,111 @@
-"""Decoding an import source into uint8 arrays: the official python-pickle release, or an ImageFolder.
+"""Decoding an import source: a dataset's official release (python pickles or IDX files) or an ImageFolder.
 
-ImageFolder sample order: class by class in label order, and within a class the files sorted by name,
-digit runs compared as numbers (``2.png`` before ``10.png``; zero-padded names sort the same either way).
-Class folders whose names all match the dataset's class names (case-insensitive) get the standard
-labels (a subset of the classes is allowed); otherwise there must be exactly ``num_classes`` folders,
-labelled in sorted order (same rule). Note that an ImageFolder copy is therefore ordered by class, not
-in the official sample order.
+See :mod:`harness.data.imagefolder` for the ImageFolder rules (sample order, class folders, resizing).
+An official release is found in any folder of the source that holds all its split files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import io
-import multiprocessing
-import os
 import pickle
-import re
-from dataclasses import dataclass
+import struct
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-from harness.data.catalog import SPLITS, CatalogEntry, DatasetInfo
-from harness.data.sources import read_files
+from harness.data.catalog import CatalogEntry, DatasetInfo, IdxRelease, PickleRelease, Release
+from harness.data.imagefolder import decode_imagefolder, is_image
+from harness.data.sources import open_files
 from harness.errors import UsageError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-_POOL_MIN_IMAGES = 4096  # below this a process pool costs more than it saves
-_CHUNK = 1000
+IMAGEFOLDER = "ImageFolder"
+
+
+@dataclass(frozen=True)
+class DecodedSplit:
+    """One split: labels int64 (N,), and the images as uint8 (n, C, H, W) blocks in order (one pass)."""
+
+    labels: np.ndarray
+    blocks: Iterable[np.ndarray]
+
+    @classmethod
+    def of(cls, images: np.ndarray, labels: np.ndarray) -> DecodedSplit:
+        return cls(labels, (images,))
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """Decoded splits (``split -> (images uint8 (N, C, H, W), labels int64 (N,))``) and class names."""
+    """Decoded splits and class names; ``kind`` is the release kind ("python pickle", "IDX") or "ImageFolder"."""
 
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    splits: dict[str, DecodedSplit]
     classes: tuple[str, ...]
-    official: bool  # python-pickle release (else ImageFolder)
+    kind: str
+    files_sha256: dict[str, str] = field(default_factory=dict)  # the release files read, when several
+    preprocess: str | None = None  # what was done to the images beyond decoding
+
+    @property
+    def official(self) -> bool:
+        return self.kind != IMAGEFOLDER
 
 
-def decode(entry: CatalogEntry, path: Path, progress: bool = True) -> Decoded:
-    """Read ``path`` (folder or archive) in whichever supported format it holds."""
-    official_names = entry.official.all_files()
-    files = read_files(path, lambda p: p.name in official_names or p.suffix.lower() in IMAGE_SUFFIXES)
-    pickles = _official_files(entry, files)
-    if pickles is not None:
-        return _decode_official(entry, pickles)
-    images = {p: b for p, b in files.items()
-              if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) >= 3 and p.parts[-3] in SPLITS}
-    if images:
-        return _decode_imagefolder(entry.info, images, progress)
-    raise UsageError(
-        f"{path} holds neither the official {entry.info.name} python batches "
-        f"({', '.join(sorted(entry.official.all_files()))}) nor an ImageFolder layout "
-        f"(train/<class>/*.png|jpg and test/<class>/*)")
+@contextlib.contextmanager
+def decoding(entry: CatalogEntry, path: Path, progress: bool = True) -> Iterator[Decoded]:
+    """Decode ``path`` (folder or archive) in whichever supported format it holds.
+
+    ImageFolder images are read from ``path`` as the blocks are consumed: write them inside the context.
+    """
+    release = entry.official
+    names = _release_names(release)
+    with open_files(path, lambda p: p.name in names or is_image(p)) as files:
+        found = _release_files(release, files) if release is not None else None
+        if found is not None:
+            decode = _decode_pickles if isinstance(release, PickleRelease) else _decode_idx
+            yield decode(entry.info, release, found, files)
+            return
+        folder = decode_imagefolder(entry.info, files, entry.resize, progress)
+        if folder is None:
+            official = (f"the official {entry.info.name} {release.kind} files "
+                        f"({', '.join(sorted(release.all_files()))}) nor " if release else "")
+            raise UsageError(f"{path} holds neither {official}an ImageFolder layout (train/<class>/*.png|jpg "
+                             f"and test/<class>/* or val/<class>/*)")
+        splits, classes = folder
+        yield Decoded({s: DecodedSplit(labels, blocks) for s, (labels, blocks) in splits.items()}, classes,
+                      IMAGEFOLDER, preprocess=entry.resize.describe() if entry.resize else None)
 
 
-def natural_key(name: str) -> tuple:
-    """Sort key comparing digit runs as numbers: ``img2`` < ``img10``."""
-    return tuple((0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+def _release_names(release: Release | None) -> set[str]:
+    """File names that may hold ``release``'s files (IDX files also uncompressed, without ``.gz``)."""
+    if release is None:
+        return set()
+    names = release.all_files()
+    if isinstance(release, IdxRelease):
+        names |= {n.removesuffix(".gz") for n in names}
+    return names
 
 
-# --- official python-pickle release -------------------------------------------------------------
+def _release_files(release: Release, files: Mapping[PurePosixPath, bytes]) -> dict[str, PurePosixPath] | None:
+    """Release file name -> path in ``files``, from the first folder holding all the split files."""
+    needed = release.all_files() - ({release.meta_file} if isinstance(release, PickleRelease) else set())
+    by_folder: dict[PurePosixPath, dict[str, PurePosixPath]] = {}
+    for path in files:
+        name = path.name
+        if isinstance(release, IdxRelease) and name not in needed and f"{name}.gz" in needed:
+            name = f"{name}.gz"
+        if name in release.all_files():
+            by_folder.setdefault(path.parent, {}).setdefault(name, path)
+    for folder in sorted(by_folder):
+        if needed <= by_folder[folder].keys():
+            return by_folder[folder]
+    return None
+
+
+# --- python-pickle release ------------------------------------------------------------------------
 
 _ALLOWED_GLOBALS = {  # what numpy arrays and py2 byte strings need; nothing that can run code
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -92,25 +134,13 @@ def _unpickle(blob: bytes, what: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _official_files(entry: CatalogEntry, files: dict[PurePosixPath, bytes]) -> dict[str, bytes] | None:
-    """The official pickles by file name, if one folder of ``files`` holds all split files."""
-    needed = entry.official.all_files() - {entry.official.meta_file}
-    by_folder: dict[PurePosixPath, dict[str, bytes]] = {}
-    for path, blob in files.items():
-        by_folder.setdefault(path.parent, {})[path.name] = blob
-    for folder in sorted(by_folder):
-        if needed <= by_folder[folder].keys():
-            return by_folder[folder]
-    return None
-
-
-def _decode_official(entry: CatalogEntry, pickles: dict[str, bytes]) -> Decoded:
-    info, layout = entry.info, entry.official
+def _decode_pickles(info: DatasetInfo, layout: PickleRelease, found: dict[str, PurePosixPath],
+                    files: Mapping[PurePosixPath, bytes]) -> Decoded:
     splits = {}
     for split, names in layout.files.items():
         images, labels = [], []
         for name in names:
-            batch = _unpickle(pickles[name], name)
+            batch = _unpickle(files[found[name]], name)
             if "data" not in batch or layout.label_key not in batch:
                 raise UsageError(f"{name} lacks the keys 'data' and {layout.label_key!r}")
             data = np.asarray(batch["data"], dtype=np.uint8)
@@ -119,81 +149,70 @@ def _decode_official(entry: CatalogEntry, pickles: dict[str, bytes]) -> Decoded:
                                  f"{int(np.prod(info.image_shape))})")
             images.append(data.reshape(-1, *info.image_shape))
             labels.append(np.asarray(batch[layout.label_key], dtype=np.int64))
-        splits[split] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+        splits[split] = DecodedSplit.of(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
     classes = info.classes
-    if layout.meta_file in pickles:
-        names = _unpickle(pickles[layout.meta_file], layout.meta_file).get(layout.names_key)
+    if layout.meta_file in found:
+        names = _unpickle(files[found[layout.meta_file]], layout.meta_file).get(layout.names_key)
         if names is not None and len(names) == info.num_classes:
             classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    return Decoded(splits, classes, official=True)
+    return Decoded(splits, classes, layout.kind)
 
 
-# --- ImageFolder ----------------------------------------------------------------------------------
+# --- IDX files ------------------------------------------------------------------------------------
 
-def _class_labels(info: DatasetInfo, folders: set[str]) -> tuple[dict[str, int], tuple[str, ...]]:
-    """Label of each class folder, and the class names of the dataset (see the module docstring)."""
-    standard = {c.lower(): i for i, c in enumerate(info.classes)}
-    if all(f.lower() in standard for f in folders):
-        return {f: standard[f.lower()] for f in folders}, info.classes
-    if len(folders) != info.num_classes:
-        raise UsageError(
-            f"found {len(folders)} class folders ({', '.join(sorted(folders, key=natural_key)[:12])}...) "
-            f"whose names are not all {info.name} class names; name the folders after the classes "
-            f"({', '.join(info.classes[:10])}...) or provide exactly {info.num_classes} folders")
-    ordered = tuple(sorted(folders, key=natural_key))
-    return {f: i for i, f in enumerate(ordered)}, ordered
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049  # unsigned bytes, 3 dims / 1 dim
 
 
-def _decode_imagefolder(info: DatasetInfo, images: dict[PurePosixPath, bytes], progress: bool) -> Decoded:
-    roots = {p.parents[2] for p in images}
-    if len(roots) > 1:
-        raise UsageError(f"found several ImageFolder trees ({', '.join(sorted(map(str, roots)))}); "
-                         f"import one folder holding train/ and test/")
-    missing = [s for s in SPLITS if not any(p.parts[-3] == s for p in images)]
-    if missing:
-        raise UsageError(f"ImageFolder has no {' or '.join(missing)}/<class>/ images; both "
-                         f"{' and '.join(SPLITS)} are needed")
-    labels_of, classes = _class_labels(info, {p.parts[-2] for p in images})
-    splits = {}
-    for split in SPLITS:
-        members = sorted((p for p in images if p.parts[-3] == split),
-                         key=lambda p: (labels_of[p.parts[-2]], natural_key(p.name), p.parts[-2]))
-        blobs = [(str(p), images[p]) for p in members]
-        labels = np.array([labels_of[p.parts[-2]] for p in members], dtype=np.int64)
-        splits[split] = (decode_images(blobs, info.image_shape, progress, desc=f"decoding {split}"), labels)
-    return Decoded(splits, classes, official=False)
+def parse_idx(blob: bytes, what: str) -> np.ndarray:
+    """Decode one IDX file, gzipped or not: magic ``00 00 <type> <ndims>``, big-endian uint32 sizes, data.
 
-
-def _decode_chunk(args: tuple[list[tuple[str, bytes]], tuple[int, int, int]]) -> np.ndarray:
-    blobs, (c, h, w) = args
-    mode = "RGB" if c == 3 else "L"
-    out = np.empty((len(blobs), h, w, c), dtype=np.uint8)
-    for i, (name, blob) in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                if im.size != (w, h):
-                    raise UsageError(f"image {name} is {im.size[0]}x{im.size[1]}, expected {w}x{h}")
-                out[i] = np.asarray(im if im.mode == mode else im.convert(mode)).reshape(h, w, c)
-        except UsageError:
-            raise
-        except Exception as exc:
-            raise UsageError(f"cannot decode image {name}: {exc}") from None
-    return out
-
-
-def decode_images(blobs: list[tuple[str, bytes]], shape: tuple[int, int, int], progress: bool = True,
-                  desc: str = "decoding") -> np.ndarray:
-    """Decode ``(name, encoded bytes)`` pairs to uint8 (N, C, H, W), in order, with a progress bar.
-
-    Large batches are decoded by a process pool (one worker per CPU).
+    Raises UsageError naming ``what`` on a bad magic number, a truncated file or trailing bytes.
     """
-    chunks = [(blobs[i:i + _CHUNK], shape) for i in range(0, len(blobs), _CHUNK)]
-    workers = min(os.cpu_count() or 1, len(chunks))
-    parallel = len(blobs) >= _POOL_MIN_IMAGES and workers > 1
-    parts = [np.empty((0, shape[1], shape[2], shape[0]), np.uint8)]
-    with tqdm(total=len(blobs), desc=desc, unit="img", disable=not progress) as bar, \
-            (multiprocessing.Pool(workers) if parallel else contextlib.nullcontext()) as pool:
-        for part in pool.imap(_decode_chunk, chunks) if parallel else map(_decode_chunk, chunks):
-            parts.append(part)
-            bar.update(len(part))
-    return np.ascontiguousarray(np.concatenate(parts).transpose(0, 3, 1, 2))
+    if blob[:2] == b"\x1f\x8b":
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UsageError(f"{what} is a damaged gzip file: {exc}") from None
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] not in _IDX_TYPES or blob[3] == 0:
+        raise UsageError(f"{what} is not an IDX file (magic number 0x{blob[:4].hex() or 'empty'}; expected "
+                         f"0x0000TTDD with a known type TT and DD > 0 dimensions)")
+    ndims, dtype = blob[3], _IDX_TYPES[blob[2]]
+    start = 4 + 4 * ndims
+    if len(blob) < start:
+        raise UsageError(f"{what}: IDX header truncated ({len(blob)} bytes, {ndims} dimensions need {start})")
+    shape = struct.unpack(f">{ndims}I", blob[4:start])
+    size = int(np.prod(shape)) * dtype.itemsize
+    if len(blob) - start != size:
+        raise UsageError(f"{what}: {len(blob) - start} data bytes, but the header's shape {shape} needs "
+                         f"{size}; the file is truncated or corrupt")
+    return np.frombuffer(blob, dtype, offset=start).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _magic(array: np.ndarray) -> int:
+    return (0x08 << 8 | array.ndim) if array.dtype == np.uint8 else -1
+
+
+def _decode_idx(info: DatasetInfo, release: IdxRelease, found: dict[str, PurePosixPath],
+                files: Mapping[PurePosixPath, bytes]) -> Decoded:
+    c, h, w = info.image_shape
+    splits, digests = {}, {}
+    for split, (images_file, labels_file) in release.files.items():
+        arrays = {}
+        for name in (images_file, labels_file):
+            blob = files[found[name]]
+            digests[found[name].name] = hashlib.sha256(blob).hexdigest()
+            arrays[name] = parse_idx(blob, str(found[name]))
+        images, labels = arrays[images_file], arrays[labels_file]
+        if _magic(images) != IDX_IMAGES_MAGIC or images.shape[1:] != (h, w) or c != 1:
+            raise UsageError(f"{found[images_file]}: IDX array {images.shape} of {images.dtype}, expected "
+                             f"{info.name} images (N, {h}, {w}) of unsigned bytes (magic {IDX_IMAGES_MAGIC})")
+        if _magic(labels) != IDX_LABELS_MAGIC:
+            raise UsageError(f"{found[labels_file]}: IDX array {labels.shape} of {labels.dtype}, expected "
+                             f"labels (N,) of unsigned bytes (magic {IDX_LABELS_MAGIC})")
+        if len(labels) != len(images):
+            raise UsageError(f"{split}: {len(labels)} labels in {found[labels_file]} for {len(images)} images "
+                             f"in {found[images_file]}")
+        splits[split] = DecodedSplit.of(images.reshape(-1, c, h, w), labels.astype(np.int64))
+    return Decoded(splits, info.classes, release.kind, files_sha256=digests)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tarfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Iterator
 
 from harness.errors import UsageError
 
@@ -18,25 +20,44 @@ def _hidden(path: PurePosixPath) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
 
 
-def read_files(path: Path, wanted: Wanted) -> dict[PurePosixPath, bytes]:
-    """Bytes of every regular file under ``path`` whose relative path passes ``wanted``.
+class LazyFiles(Mapping):
+    """Relative path -> file bytes, each file read only when it is looked up (and not kept)."""
 
-    Tar archives are read as one sequential stream, so a compressed archive is decompressed once.
+    def __init__(self, names: list[PurePosixPath], read: Callable[[PurePosixPath], bytes]):
+        self._names = {name: None for name in names}  # ordered set
+        self._read = read
+
+    def __getitem__(self, name: PurePosixPath) -> bytes:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[PurePosixPath]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@contextlib.contextmanager
+def open_files(path: Path, wanted: Wanted) -> Iterator[Mapping[PurePosixPath, bytes]]:
+    """The regular files under ``path`` whose relative path passes ``wanted``, by relative path.
+
+    Files of a folder or a zip archive are read on access, so a large ImageFolder is never held in
+    memory at once; a tar archive is read in one sequential pass (a compressed archive is
+    decompressed once) and its wanted files are held in memory, still encoded.
     """
     if path.is_dir():
-        found = {}
-        for file in sorted(path.rglob("*")):
-            rel = PurePosixPath(file.relative_to(path).as_posix())
-            if file.is_file() and not _hidden(rel) and wanted(rel):
-                found[rel] = file.read_bytes()
-        return found
+        names = [PurePosixPath(f.relative_to(path).as_posix()) for f in sorted(path.rglob("*")) if f.is_file()]
+        yield LazyFiles([n for n in names if not _hidden(n) and wanted(n)], lambda n: (path / n).read_bytes())
+        return
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            return {PurePosixPath(i.filename): archive.read(i) for i in archive.infolist()
-                    if not i.is_dir() and not _hidden(PurePosixPath(i.filename))
-                    and wanted(PurePosixPath(i.filename))}
+            infos = {PurePosixPath(i.filename): i for i in archive.infolist() if not i.is_dir()}
+            yield LazyFiles([n for n in infos if not _hidden(n) and wanted(n)], lambda n: archive.read(infos[n]))
+        return
     if tarfile.is_tarfile(path):
         found = {}
         with tarfile.open(path, mode="r|*") as archive:
@@ -44,7 +65,8 @@ def read_files(path: Path, wanted: Wanted) -> dict[PurePosixPath, bytes]:
                 rel = PurePosixPath(member.name)
                 if member.isfile() and not _hidden(rel) and wanted(rel):
                     found[rel] = archive.extractfile(member).read()
-        return found
+        yield found
+        return
     raise UsageError(f"{path} is neither a folder nor a .tar/.tar.gz/.zip archive")
 
 

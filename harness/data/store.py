@@ -3,12 +3,15 @@
 Each dataset lives in ``<root>/<name>/``: ``train.npz`` and ``test.npz`` (uncompressed; ``images``
 uint8 (N, C, H, W) and ``labels`` int64 (N,)) and ``meta.json`` (source, class names, per-split counts
 and fingerprints, original file name, archive sha256). A dataset is written into a hidden temporary
-folder that is renamed into place, so an interrupted import never leaves a half-written dataset.
+folder that is renamed into place, so an interrupted import never leaves a half-written dataset. The
+images are written (and fingerprinted) block by block as the decoder yields them, so an import holds
+one block of decoded images in memory, not the whole split; loading a split reads it whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from harness.data.catalog import SPLITS, DatasetInfo
-from harness.data.formats import Decoded
+from harness.data.formats import Decoded, DecodedSplit
 from harness.errors import MissingArtifactError, UsageError
 
 META = "meta.json"
@@ -96,17 +99,38 @@ def locked(root: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check(info: DatasetInfo, decoded: Decoded) -> None:
-    for split in SPLITS:
-        images, labels = decoded.splits[split]
-        if images.dtype != np.uint8 or images.shape[1:] != info.image_shape or len(images) == 0:
-            raise UsageError(f"{split} images have shape {images.shape} ({images.dtype}), "
-                             f"expected (N>0, {', '.join(map(str, info.image_shape))}) uint8")
-        if labels.shape != (len(images),):
-            raise UsageError(f"{split}: {len(labels)} labels for {len(images)} images")
-        if labels.min() < 0 or labels.max() >= info.num_classes:
-            raise UsageError(f"{split} labels span {labels.min()}..{labels.max()}, "
-                             f"expected 0..{info.num_classes - 1}")
+def _check_labels(info: DatasetInfo, split: str, labels: np.ndarray) -> None:
+    if labels.ndim != 1 or len(labels) == 0:
+        raise UsageError(f"{split} has no images")
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise UsageError(f"{split} labels span {labels.min()}..{labels.max()}, "
+                         f"expected 0..{info.num_classes - 1}")
+
+
+def _write_split(path: Path, info: DatasetInfo, split: str, data: DecodedSplit) -> str:
+    """Write one split as an uncompressed ``.npz``, streaming its image blocks; return its fingerprint."""
+    labels = np.ascontiguousarray(data.labels, dtype=np.int64)
+    _check_labels(info, split, labels)
+    n, digest, written = len(labels), hashlib.sha256(), 0
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, *info.image_shape)}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("images.npy", "w", force_zip64=True) as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            for block in data.blocks:
+                if block.dtype != np.uint8 or block.shape[1:] != info.image_shape or written + len(block) > n:
+                    raise UsageError(f"{split} images come as {block.shape} ({block.dtype}) after {written} "
+                                     f"of {n}, expected ({n}, {', '.join(map(str, info.image_shape))}) uint8")
+                view = np.ascontiguousarray(block).data
+                out.write(view)
+                digest.update(view)
+                written += len(block)
+            if written != n:
+                raise UsageError(f"{split}: {n} labels but {written} images")
+        with archive.open("labels.npy", "w", force_zip64=True) as out:
+            np.lib.format.write_array(out, labels)
+    digest.update(labels.astype("<i8", copy=False).data)
+    return digest.hexdigest()[:16]
 
 
 def write_dataset(root: Path, info: DatasetInfo, decoded: Decoded, source: str,
@@ -115,21 +139,20 @@ def write_dataset(root: Path, info: DatasetInfo, decoded: Decoded, source: str,
 
     Call under :func:`locked`, which also clears what a killed call left behind.
     """
-    _check(info, decoded)
-    meta = {
-        "format": FORMAT, "name": info.name, "source": source, "classes": list(decoded.classes),
-        "image_shape": list(info.image_shape),
-        "splits": {s: {"n": len(decoded.splits[s][1]), "fingerprint": fingerprint(*decoded.splits[s])}
-                   for s in SPLITS},
-        "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **provenance,
-    }
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.importing-", dir=root))
     try:
+        splits = {}
         for split in SPLITS:
-            images, labels = decoded.splits[split]
-            np.savez(tmp / f"{split}.npz", images=images, labels=labels)
+            data = decoded.splits[split]
+            fingerprint = _write_split(tmp / f"{split}.npz", info, split, data)
+            splits[split] = {"n": len(data.labels), "fingerprint": fingerprint}
+        meta = {
+            "format": FORMAT, "name": info.name, "source": source, "classes": list(decoded.classes),
+            "image_shape": list(info.image_shape), "splits": splits,
+            "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **provenance,
+        }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         target = root / info.name
@@ -161,6 +184,6 @@ def read_split(root: Path, info: DatasetInfo, split: str) -> Split:
         raise MissingArtifactError(
             f"stored dataset {name} in {root / name} is damaged or from another harness version ({exc}); "
             f"re-import it with `harness data import {name} PATH` or `harness data fetch {name}`") from exc
-    info = DatasetInfo(name, info.num_classes, info.image_shape, tuple(meta["classes"]))
+    info = dataclasses.replace(info, classes=tuple(meta["classes"]))
     return Split(info, split, torch.from_numpy(images), torch.from_numpy(labels),
                  expected["fingerprint"], meta["source"])

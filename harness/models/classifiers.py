@@ -43,16 +43,20 @@ __all__ = [
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+GRAY_MEAN = (0.2860,)  # Fashion-MNIST's training-set statistics: mostly dark 28x28 grayscale images
+GRAY_STD = (0.3530,)
+_DEFAULT_STATS = {3: (CIFAR10_MEAN, CIFAR10_STD), 1: (GRAY_MEAN, GRAY_STD)}
 
 
 def _channel_stats(
     mean: Sequence[float] | None, std: Sequence[float] | None, channels: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Defaults: the CIFAR-10 statistics for 3 channels, 0.5/0.25 otherwise."""
+    """Defaults: the CIFAR-10 statistics for 3 channels, Fashion-MNIST's for 1, 0.5/0.25 otherwise."""
+    default_mean, default_std = _DEFAULT_STATS.get(channels, ((0.5,) * channels, (0.25,) * channels))
     if mean is None:
-        mean = CIFAR10_MEAN if channels == 3 else (0.5,) * channels
+        mean = default_mean
     if std is None:
-        std = CIFAR10_STD if channels == 3 else (0.25,) * channels
+        std = default_std
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"mean/std need {channels} values (one per channel), got {len(mean)}/{len(std)}")

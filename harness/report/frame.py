@@ -106,11 +106,13 @@ def _attack_params(config: Mapping[str, Any]) -> str:
 
 
 def _defense_options(config: Mapping[str, Any]) -> str:
-    """Non-default defense options and train seed (``config["defense"]``), as JSON; ``""`` if none."""
+    """Non-default defense options, train seed and (for a transferred purifier) its training dataset
+    (``config["defense"]``), as JSON; ``""`` if none."""
     defense = config.get("defense")
     if not isinstance(defense, Mapping):
         return ""
-    picked = {k: defense[k] for k in ("options", "train_seed") if defense.get(k) not in (None, {}, "")}
+    picked = {k: defense[k] for k in ("options", "train_seed", "train_dataset")
+              if defense.get(k) not in (None, {}, "")}
     return canonical_json(picked) if picked else ""
 
 

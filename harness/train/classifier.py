@@ -2,11 +2,13 @@
 
 SGD with Nesterov momentum, a one-cycle learning rate (linear warm-up from ``lr * lr_start`` to ``lr``
 over the first ``warmup`` fraction of the steps, then linear decay to 0), label smoothing, weight decay
-on conv/linear weights only, and batched tensor augmentation (random horizontal flip and a random crop
-of the image reflect-padded by ``crop_pad`` pixels). For the airbench-style conv nets the 2x2 stem is
-initialised as a patch-whitening filter bank computed from the training images and kept frozen (its
-bias trains for the first ``whiten_bias_epochs`` epochs), as in Keller Jordan's airbench CIFAR-10
-speedruns, which speeds up early training a lot.
+on conv/linear weights only, and batched tensor augmentation (a random horizontal flip, unless the
+dataset's labels are not mirror-symmetric as for digits, and a random crop of the image reflect-padded
+by ``crop_pad`` pixels). The model normalises its input with the dataset's channel statistics. For the
+airbench-style conv nets the 2x2 stem is initialised as a patch-whitening filter bank computed from the
+training images and kept frozen (its bias trains for the first ``whiten_bias_epochs`` epochs), as in
+Keller Jordan's airbench CIFAR-10 speedruns, which speeds up early training a lot; the stem of a
+1-channel net has too many filters for that and trains from its random initialisation.
 
 All randomness (initial weights, subset selection, shuffling, augmentation) comes from ``seed``: the
 initial weights are drawn under :func:`torch.random.fork_rng`, everything else from an explicit
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from harness.data.catalog import DatasetInfo
 from harness.errors import UsageError
 from harness.models.classifiers import ARCHITECTURES, ConvNet, build_classifier, count_parameters
 
@@ -122,11 +125,12 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Random horizontal flip and random crop of the ``pad``-pixel reflect-padded batch, vectorised."""
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (if ``flip``) and random crop of the ``pad``-pixel reflect-padded batch, vectorised."""
     n, c, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -181,11 +185,14 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: dict,
                      seed: int = 0, progress: bool = True, eval_images: torch.Tensor | None = None,
-                     eval_labels: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+                     eval_labels: torch.Tensor | None = None,
+                     dataset: DatasetInfo | None = None) -> tuple[nn.Module, dict]:
     """Trains a classifier on ``images`` (uint8, ``(N, C, H, W)``) and ``labels`` (``(N,)`` ints).
 
     ``config`` holds keys of :data:`DEFAULT_CONFIG` (missing ones take its values), e.g. a preset of
-    :data:`CLASSIFIER_PRESETS`. Returns the trained model (float32, eval mode, contiguous memory
+    :data:`CLASSIFIER_PRESETS`. ``dataset``, when given, supplies the input normalisation statistics and
+    whether horizontal flips keep labels (without it: the architecture's default statistics, flips on).
+    Returns the trained model (float32, eval mode, contiguous memory
     format, a plain :func:`build_classifier` module) and metrics: ``train_loss`` and ``train_accuracy``
     (last epoch, on augmented batches), ``eval_accuracy`` (when an eval set is given), ``seconds``
     (training only), ``eval_seconds``, ``epochs``, ``steps``, ``train_images``, ``images_per_second``,
@@ -200,6 +207,11 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         raise UsageError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     if (eval_images is None) != (eval_labels is None):
         raise UsageError("give both eval_images and eval_labels, or neither")
+    if dataset is not None and tuple(images.shape[1:]) != dataset.image_shape:
+        raise UsageError(f"images of shape {tuple(images.shape[1:])} are not {dataset.name} images "
+                         f"{dataset.image_shape}")
+    stats = {"mean": dataset.mean, "std": dataset.std} if dataset is not None else {}
+    flip = dataset.hflip if dataset is not None else True
 
     generator = torch.Generator().manual_seed(int(seed))
     if cfg["subset"] is not None and int(cfg["subset"]) < len(images):
@@ -209,7 +221,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(int(seed))
-        model = build_classifier(cfg["arch"], num_classes, tuple(images.shape[1:]))
+        model = build_classifier(cfg["arch"], num_classes, tuple(images.shape[1:]), **stats)
     model = model.float()
 
     whitened = False
@@ -255,7 +267,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             idx = order[step * batch_size : (step + 1) * batch_size]
             x = _to_float(images[idx])
             if cfg["augment"]:
-                x = augment_batch(x, generator, pad)
+                x = augment_batch(x, generator, pad, flip)
             y = labels[idx]
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -5,6 +5,9 @@ L1 (Chen & Lu 2025, arXiv:2501.16904, Eq. 15) and DISCO's unmasked L1 (Ho & Vasc
 AdamW (Loshchilov & Hutter, ICLR 2019) with a linear warm-up then a cosine decay to zero (Loshchilov &
 Hutter, "SGDR", ICLR 2017). All randomness (shuffling, flips, clean-pair mixing and whatever the loss
 draws, such as MAE masks) comes from one generator seeded with ``seed``; the global RNG is not used.
+
+:func:`train_on_pairs` is the whole ``train`` recipe of such a purifier entry: its PGD pairs, a fresh
+model, then one or more training stages.
 """
 
 from __future__ import annotations
@@ -12,18 +15,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["LossFn", "train_purifier"]
+from harness.train.pairs import training_pairs
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from harness.context import TrainContext
+
+__all__ = ["LossFn", "ModelFactory", "Stage", "train_on_pairs", "train_purifier"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 """``loss_fn(model, x_adv, x_clean, generator) -> scalar``; draws its randomness from ``generator``."""
+
+ModelFactory = Callable[[Mapping[str, Any], Sequence[int], int], nn.Module]
+"""``new_model(model_config, image_shape, seed)``: a freshly initialised purifier, seeded."""
+
+Stage = tuple[LossFn, Mapping[str, Any]]
+"""One training stage: its loss and the keyword arguments of :func:`train_purifier`."""
 
 
 def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -98,3 +112,21 @@ def train_purifier(model: nn.Module, x_adv: torch.Tensor, x_clean: torch.Tensor,
     model.eval()
     return {"final_epoch_loss": epoch_loss, "epochs": float(epochs), "steps": float(total_steps),
             "pairs": float(len(x_adv)), "train_seconds": time.perf_counter() - start}
+
+
+def train_on_pairs(ctx: "TrainContext", new_model: ModelFactory,
+                   stages: Sequence[Stage]) -> dict[str, torch.Tensor]:
+    """A purifier entry's ``train`` recipe; returns the trained state dict (on the CPU).
+
+    The PGD pairs of ``ctx.config["pairs"]`` (seed ``ctx.seed``, shared through ``ctx.artifacts``),
+    ``new_model(ctx.config["model"], image_shape, ctx.seed + 1)``, then stage ``k`` of ``stages`` with
+    seed ``ctx.seed + 2 + k``.
+    """
+    x_adv, x_clean = training_pairs(ctx, ctx.config["pairs"])
+    model = new_model(ctx.config["model"], ctx.train_split.info.image_shape, ctx.seed + 1).to(ctx.device)
+    x_adv, x_clean = x_adv.to(ctx.device), x_clean.to(ctx.device)
+    for k, (loss_fn, settings) in enumerate(stages):
+        metrics = train_purifier(model, x_adv, x_clean, loss_fn, seed=ctx.seed + 2 + k,
+                                 progress=ctx.progress, **settings)
+        log.info("%s training stage %d/%d: %s", ctx.entry_name, k + 1, len(stages), metrics)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
