@@ -2,14 +2,22 @@
 
 Gao, Zhang, Liu, Darrell, Shelhamer, Wang, "Back to the Source: Diffusion-Driven Adaptation to
 Test-Time Corruption", CVPR 2023. Each reverse step is pulled toward the input y through the
-low-frequency distance ``||phi(y) - phi(x0_hat)||`` with ``phi`` a low-pass filter (down- then
-up-sampling by ``D``). DDA was designed for corruptions; it is known to fail adversarially.
+low-frequency distance between ``phi(y)`` and ``phi(x0_hat)``, with ``phi`` a low-pass filter (down-
+then up-sampling by ``D``). DDA was designed for corruptions; it is known to fail adversarially.
 
-[reconstructed] ``phi`` is average pooling then nearest upsampling (a symmetric projection; the code
-uses a bicubic resizer), and the pull is the x0-space step ``x0_hat -= scale * phi(x0_hat - y)`` of
-:mod:`harness.diffusion.sampler` (the code steps x_t along a gradient through the UNet, with a norm
-taken over the whole batch, which would couple images). ``scale = 1`` replaces the low frequencies of
-the prediction by those of the input, as ILVR (Choi et al., ICCV 2021) does.
+Option ``guidance`` (stored in the cell):
+
+* ``x0`` (default) [reconstructed]: the x0-space step ``x0_hat -= scale * phi(x0_hat - y)`` of
+  :mod:`harness.diffusion.sampler`, the gradient of ``L = scale/2 ||phi(x0_hat - y)||^2``. With
+  ``scale = 1`` it replaces the low frequencies of the prediction by those of the input, as ILVR
+  (Choi et al., ICCV 2021) does. Cheap: no gradient through the UNet.
+* ``unet`` (the paper's way): the same ``L`` differentiated with respect to ``x_t`` through the UNet
+  (``x_{t-1} -= sqrt(a_t a_{t-1}) grad_{x_t} L``); exact attack gradients then need second-order
+  terms through every UNet call (``create_graph`` only when the input requires grad).
+
+[reconstructed] in both modes: ``phi`` is average pooling then nearest upsampling (a symmetric
+projection; the code uses a bicubic resizer); ``L`` is per image and squared (the code takes the
+unsquared norm over the whole batch, which would couple images, with a fixed step ``scale``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ class DDA(ReversePurifier):
         super().__init__(loaded, scale=float(scale), D=int(D), **kwargs)
         self.scale, self.factor = float(scale), int(D)
 
-    def guide(self, x0, t, ref):
+    def guide_loss(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.scale * low_pass(x0 - ref, self.factor).pow(2).flatten(1).sum(1)
+
+    def guide(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:
         return self.scale * low_pass(x0 - ref, self.factor)
 
 
@@ -45,14 +56,16 @@ DDA_ENTRY = DefenseEntry(
     kind=Kind.PURIFIER,
     paper="Back to the Source: Diffusion-Driven Adaptation to Test-Time Corruption (Gao et al., CVPR 2023)",
     citation="Gao, Zhang, Liu, Darrell, Shelhamer, Wang. CVPR 2023. arXiv 2207.03442",
-    build=entry_build(DDA, ("tstar", "steps", "scale", "D")),
-    datasets=("cifar10", "cifar100"),
+    build=entry_build(DDA, ("tstar", "steps", "scale", "D", "guidance")),
     stochastic=True,
     differentiable=True,
     presets={
-        "small": {"ddpm": "small", "tstar": 0.5, "steps": 10, "scale": 1.0, "D": 4, "sampler": "ddpm"},
-        "paper": {"ddpm": "paper", "tstar": 0.5, "steps": 50, "scale": 1.0, "D": 4, "sampler": "ddpm"},
-        "tiny": {"ddpm": "tiny", "tstar": 0.5, "steps": 3, "scale": 1.0, "D": 4, "sampler": "ddpm"},
+        "small": {"ddpm": "small", "tstar": 0.5, "steps": 10, "scale": 1.0, "D": 4, "sampler": "ddpm",
+                  "guidance": "x0"},
+        "paper": {"ddpm": "paper", "tstar": 0.5, "steps": 50, "scale": 1.0, "D": 4, "sampler": "ddpm",
+                  "guidance": "x0"},
+        "tiny": {"ddpm": "tiny", "tstar": 0.5, "steps": 3, "scale": 1.0, "D": 4, "sampler": "ddpm",
+                 "guidance": "x0"},
     },
     train=train_entry_ddpm,
     reported=(),

@@ -25,7 +25,6 @@ DIFFPURE = DefenseEntry(
     paper="Diffusion Models for Adversarial Purification (Nie et al., ICML 2022)",
     citation="Nie, Guo, Huang, Xiao, Vahdat, Anandkumar. ICML 2022. arXiv 2205.07460",
     build=entry_build(DiffPure, ("tstar", "steps")),
-    datasets=("cifar10", "cifar100"),
     stochastic=True,
     differentiable=True,
     presets={

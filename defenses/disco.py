@@ -190,7 +190,6 @@ DISCO = DefenseEntry(
     paper="DISCO: Adversarial Defense with Local Implicit Functions",
     citation="Ho & Vasconcelos, NeurIPS 2022",
     build=build,
-    datasets=("cifar10", "cifar100"),
     stochastic=False,
     differentiable=True,
     presets=PRESETS,

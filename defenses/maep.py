@@ -199,7 +199,6 @@ MAEP = DefenseEntry(
           "and Adversarial Purifier",
     citation="Chen & Lu 2025, arXiv:2501.16904",
     build=build,
-    datasets=("cifar10", "cifar100"),
     stochastic=False,
     differentiable=True,
     presets=PRESETS,

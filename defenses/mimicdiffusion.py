@@ -1,18 +1,29 @@
 """``mimicdiffusion``: sample from pure noise, guided toward the input by an L1 distance.
 
-Song, Wang, Guo, Liu, Li, Gao, "MimicDiffusion: Purifying Adversarial Perturbation via Mimicking
-Clean Diffusion Model", CVPR 2024. The reverse process starts at t = T from pure Gaussian noise and
-every step is pulled toward the input y by the gradient of ``scale * ||x0_hat - y||_1`` (Manhattan
-distance), so the adversarial perturbation reaches the sample only through that guidance.
+Song, Lai, Pan, Yin, "MimicDiffusion: Purifying Adversarial Perturbation via Mimicking Clean
+Diffusion Model", arXiv 2312.04802 (2023). The reverse process starts at t = T from pure Gaussian
+noise and every step is pulled toward the input y by the gradient of the Manhattan distance
+``L = scale * sum |x0_hat - y|``, so the adversarial perturbation reaches the sample only through that
+guidance.
+
+Option ``guidance`` (stored in the cell):
+
+* ``x0`` (default) [reconstructed]: the x0-space step ``x0_hat -= grad_{x0} L`` of
+  :mod:`harness.diffusion.sampler`. Cheap: no gradient through the UNet.
+* ``unet`` (the paper's equations): ``L`` differentiated with respect to ``x_t`` through the UNet
+  (``x_{t-1} -= sqrt(a_t a_{t-1}) grad_{x_t} L``); exact attack gradients then need second-order
+  terms through every UNet call (``create_graph`` only when the input requires grad). The released
+  code computes eps before enabling gradients, so its gradient skips the UNet and equals ``x0``
+  guidance up to the step weight (it weights by ``rho * sqrt(a_t)``).
 
 [reconstructed] One L1 guidance term (the paper combines long- and short-range ones); ``|u|`` is
 smoothed to ``sqrt(u^2 + delta^2)`` (``delta`` option, 0.05 by default) because the exact L1 gradient
-``sign(x0_hat - y)`` has zero derivative in y, which would mask gradients of any adaptive attack; the
-pull is the x0-space step ``x0_hat -= scale * grad L`` of :mod:`harness.diffusion.sampler` (the paper
-steps x_t along a gradient through the UNet).
+``sign(x0_hat - y)`` has zero derivative in y, which would mask gradients of any adaptive attack.
 """
 
 from __future__ import annotations
+
+import torch
 
 from harness.diffusion.purifier import ReversePurifier, entry_build, train_entry_ddpm
 from harness.registry import DefenseEntry, Kind
@@ -28,7 +39,10 @@ class MimicDiffusion(ReversePurifier):
                          delta=float(delta), **kwargs)
         self.scale, self.delta = float(scale), float(delta)
 
-    def guide(self, x0, t, ref):
+    def guide_loss(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:
+        return self.scale * ((x0 - ref).pow(2) + self.delta ** 2).sqrt().flatten(1).sum(1)
+
+    def guide(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:
         diff = x0 - ref
         return self.scale * diff / (diff.pow(2) + self.delta ** 2).sqrt()
 
@@ -38,16 +52,15 @@ MIMICDIFFUSION = DefenseEntry(
     version="1",
     kind=Kind.PURIFIER,
     paper="MimicDiffusion: Purifying Adversarial Perturbation via Mimicking Clean Diffusion Model "
-          "(Song et al., CVPR 2024)",
-    citation="Song, Wang, Guo, Liu, Li, Gao. CVPR 2024. arXiv 2312.04802",
-    build=entry_build(MimicDiffusion, ("steps", "scale", "delta")),
-    datasets=("cifar10", "cifar100"),
+          "(Song et al., 2023)",
+    citation="Song, Lai, Pan, Yin. arXiv 2312.04802 (2023)",
+    build=entry_build(MimicDiffusion, ("steps", "scale", "delta", "guidance")),
     stochastic=True,
     differentiable=True,
     presets={
-        "small": {"ddpm": "small", "steps": 20, "scale": 0.2, "delta": 0.05, "sampler": "ddim"},
-        "paper": {"ddpm": "paper", "steps": 100, "scale": 0.2, "delta": 0.05, "sampler": "ddim"},
-        "tiny": {"ddpm": "tiny", "steps": 3, "scale": 0.2, "delta": 0.05, "sampler": "ddim"},
+        "small": {"ddpm": "small", "steps": 20, "scale": 0.2, "delta": 0.05, "sampler": "ddim", "guidance": "x0"},
+        "paper": {"ddpm": "paper", "steps": 100, "scale": 0.2, "delta": 0.05, "sampler": "ddim", "guidance": "x0"},
+        "tiny": {"ddpm": "tiny", "steps": 3, "scale": 0.2, "delta": 0.05, "sampler": "ddim", "guidance": "x0"},
     },
     train=train_entry_ddpm,
     reported=(),

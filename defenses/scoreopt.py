@@ -8,7 +8,9 @@ NeurIPS 2023. Instead of sampling, the input is refined by minimising the denois
 * ``scoreopt-n`` keeps one eps fixed and outputs the denoised ``D(v + sigma * eps)``.
 
 The optimiser is Adam, written out so that an attack can differentiate through every iteration
-(second-order gradients through the UNet; no checkpointing, memory grows with ``iters``).
+(second-order gradients through the UNet). With option ``checkpoint`` (default on) each iteration runs
+under :func:`harness.diffusion.sampler.checkpointed`, the sampler's gradient checkpointing, so memory
+for exact gradients stays flat in ``iters`` (see ``tests/test_bench_checkpointing.py``).
 [reconstructed] noise level, number of iterations and step size are options (``tstar``, ``iters``,
 ``lr``); which output each variant returns follows PAPERS.md "Reference purifiers".
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from harness.diffusion.purifier import DiffusionPurifier, entry_build, train_entry_ddpm
+from harness.diffusion.sampler import checkpointed
 from harness.noise import NoiseDraws
 from harness.registry import DefenseEntry, Kind, Reported
 
@@ -39,6 +42,21 @@ class ScoreOpt(DiffusionPurifier):
         xt = self.schedule.diffuse(v, self.t, eps)
         return self.schedule.predict_x0(xt, self.t, self.eps(xt, self.t))
 
+    def adam_step(self, k: int, v: torch.Tensor, m: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
+                  graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Iteration ``k`` (1-based) of Adam on the denoising loss: the new ``(v, m, s)``; differentiable
+        (second order through the UNet) when ``graph``, detached otherwise."""
+        with torch.enable_grad():
+            if not graph:
+                v = v.detach().requires_grad_(True)
+            loss = (self.denoise(v, eps) - v).pow(2).flatten(1).mean(1).sum()
+            grad = torch.autograd.grad(loss, v, create_graph=graph)[0]
+        m = BETAS[0] * m + (1 - BETAS[0]) * grad
+        s = BETAS[1] * s + (1 - BETAS[1]) * grad * grad
+        m_hat, s_hat = m / (1 - BETAS[0] ** k), s / (1 - BETAS[1] ** k)
+        v = v - self.lr * m_hat / (s_hat + ADAM_EPS ** 2).sqrt()
+        return (v, m, s) if graph else (v.detach(), m, s)
+
     def purify(self, x: torch.Tensor, noise: NoiseDraws) -> torch.Tensor:
         graph = torch.is_grad_enabled() and x.requires_grad
         draws = [noise.randn(x.shape[1:], device=x.device, dtype=x.dtype)
@@ -46,19 +64,15 @@ class ScoreOpt(DiffusionPurifier):
         v = x if graph else x.detach()
         m = torch.zeros_like(x)
         s = torch.zeros_like(x)
-        with torch.enable_grad():
-            for k in range(1, self.iters + 1):
-                if not graph:
-                    v = v.detach().requires_grad_(True)
-                eps = draws[k - 1] if self.renoise else draws[0]
-                loss = (self.denoise(v, eps) - v).pow(2).flatten(1).mean(1).sum()
-                grad = torch.autograd.grad(loss, v, create_graph=graph)[0]
-                m = BETAS[0] * m + (1 - BETAS[0]) * grad
-                s = BETAS[1] * s + (1 - BETAS[1]) * grad * grad
-                m_hat, s_hat = m / (1 - BETAS[0] ** k), s / (1 - BETAS[1] ** k)
-                v = v - self.lr * m_hat / (s_hat + ADAM_EPS ** 2).sqrt()
-            out = v if self.renoise else self.denoise(v, draws[0])
-        return out if graph else out.detach()
+        ckpt = self.use_checkpoint and graph
+        for k in range(1, self.iters + 1):
+            eps = draws[k - 1] if self.renoise else draws[0]
+            v, m, s = checkpointed(lambda v, m, s, eps, k=k: self.adam_step(k, v, m, s, eps, graph),
+                                   v, m, s, eps, enabled=ckpt)
+        if self.renoise:
+            return v
+        with torch.set_grad_enabled(graph):
+            return checkpointed(self.denoise, v, draws[0], enabled=ckpt)
 
 
 class ScoreOptO(ScoreOpt):
@@ -79,7 +93,6 @@ def _entry(name: str, cls: type[ScoreOpt], variant: str, reported: tuple[Reporte
         paper=f"Enhancing Adversarial Robustness via Score-Based Optimization, {variant} (Zhang et al., NeurIPS 2023)",
         citation="Zhang, Wang, Zhou, Chen, Lu. NeurIPS 2023. arXiv 2307.04333",
         build=entry_build(cls, ("tstar", "iters", "lr")),
-        datasets=("cifar10", "cifar100"),
         stochastic=True,
         differentiable=True,
         presets={

@@ -137,9 +137,9 @@ def list_defenses() -> None:
     """List the registered defenses (first-party and plugins)."""
     from harness.registry import default_registry
 
-    click.echo(f"{'name':<16} {'kind':<11} {'stochastic':<10} {'datasets':<18} paper")
+    click.echo(f"{'name':<18} {'kind':<11} {'stochastic':<10} {'datasets':<18} paper")
     for e in default_registry().entries():
-        click.echo(f"{e.name:<16} {e.kind.value:<11} {str(e.stochastic).lower():<10} "
+        click.echo(f"{e.name:<18} {e.kind.value:<11} {str(e.stochastic).lower():<10} "
                    f"{','.join(e.datasets) or 'any':<18} {e.paper} ({e.citation})")
 
 

@@ -136,14 +136,19 @@ def analyse() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--eps", default="8/255", show_default=True)
 @click.option("--steps", default=20, show_default=True, help="PGD steps of the fixed-randomness attack.")
+@click.option("--db", default=None, help="Results database the record is stored in: a file path or SQLAlchemy "
+              "URL (default: $HARNESS_DB or ./results.db).")
 @_data_option
-def analyse_fixed_randomness(defense, dataset, classifier, preset, options, n, seed, eps, steps, data_root) -> None:
+def analyse_fixed_randomness(defense, dataset, classifier, preset, options, n, seed, eps, steps, db,
+                             data_root) -> None:
     """Distances to the clean image, spread across seeds vs inputs, and compression rates (Liu & Wei,
-    arXiv 2505.22839), with the purifier's noise fixed per sample."""
+    arXiv 2505.22839), with the purifier's noise fixed per sample; stored in the results DB (prints
+    the record's key)."""
     from harness.analysis.study import StudyRequest, run_study
     from harness.cli import parse_options
+    from harness.store import open_db
 
     request = StudyRequest(defense=defense, dataset=dataset, classifier=classifier, preset=preset,
                            options=parse_options(options), n=n, seed=seed, eps=eps,
                            attack={"name": "pgd", "steps": steps}, data_root=data_root)
-    click.echo(str(run_study(request)))
+    click.echo(run_study(request, open_db(db)))

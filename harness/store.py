@@ -1,14 +1,18 @@
-"""The results store: SQLAlchemy 2.0 models for runs, cells and per-sample results.
+"""The results store: SQLAlchemy 2.0 models for runs, cells, per-sample results and analyses.
 
 ``results.db`` (SQLite) by default; any SQLAlchemy URL (e.g. PostgreSQL) with ``--db``. Per-sample
 results are written one transaction per batch, so an interrupted cell resumes where it stopped.
+Analysis records (e.g. ``harness analyse fixed-randomness``) are rows of :class:`Analysis`, keyed by
+a hash of their kind and configuration, with the provenance of the run that produced them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, delete, event, select)
@@ -42,6 +46,7 @@ class Run(Base):
     device: Mapped[str] = mapped_column(String(64), default="cpu")
     host: Mapped[str] = mapped_column(String(128), default="")
     cells: Mapped[list["Cell"]] = relationship(back_populates="run")
+    analyses: Mapped[list["Analysis"]] = relationship(back_populates="run")
 
 
 class Cell(Base):
@@ -98,6 +103,22 @@ class SampleResult(Base):
     cell: Mapped[Cell] = relationship(back_populates="samples")
 
 
+class Analysis(Base):
+    """One analysis record: its ``kind`` (e.g. ``fixed-randomness``), the ``config`` it was computed
+    for (JSON), its ``result`` (JSON) and the run (provenance) that produced it. ``key`` hashes kind
+    and config: computing the same analysis again replaces the record."""
+
+    __tablename__ = "analyses"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run: Mapped[Run | None] = relationship(back_populates="analyses")
+
+
 def open_db(url: str | None = None) -> Engine:
     """An engine for ``url`` (a SQLAlchemy URL or a file path); creates the tables if needed."""
     url = url or os.environ.get("HARNESS_DB") or DEFAULT_DB
@@ -134,3 +155,39 @@ def reset_cell(session: Session, cell: Cell) -> None:
 
 def add_samples(session: Session, cell: Cell, rows: Iterable[dict[str, Any]]) -> None:
     session.add_all(SampleResult(cell_id=cell.id, **row) for row in rows)
+
+
+def new_run(session: Session, command: str, provenance: Mapping[str, Any]) -> Run:
+    """Add and commit a :class:`Run` from ``harness.provenance.code_provenance()``-style fields."""
+    fields = ("git_commit", "git_dirty", "harness_version", "packages", "device", "host")
+    run = Run(command=command, **{k: provenance[k] for k in fields if k in provenance})
+    session.add(run)
+    session.commit()
+    return run
+
+
+def analysis_key(kind: str, config: Mapping[str, Any]) -> str:
+    """sha256 (hex) of the kind and the canonical JSON of ``config``."""
+    text = json.dumps({"kind": kind, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_analysis(session: Session, kind: str, config: Mapping[str, Any], result: Mapping[str, Any],
+                  run_id: int | None = None) -> Analysis:
+    """Store (insert or replace) the analysis of ``kind`` for ``config``, produced by run ``run_id``;
+    commits."""
+    config = json.loads(json.dumps(dict(config), default=str))
+    result = json.loads(json.dumps(dict(result), default=str))
+    key = analysis_key(kind, config)
+    row = session.scalar(select(Analysis).where(Analysis.key == key))
+    if row is None:
+        row = Analysis(key=key, kind=kind, config=config, result=result)
+        session.add(row)
+    row.result, row.created_at, row.run_id = result, utcnow(), run_id
+    session.commit()
+    return row
+
+
+def load_analyses(session: Session, kind: str) -> list[Analysis]:
+    """Every stored analysis of ``kind``, oldest first."""
+    return list(session.scalars(select(Analysis).where(Analysis.kind == kind).order_by(Analysis.id)))

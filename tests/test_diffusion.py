@@ -20,12 +20,7 @@ from defenses.diffpure import DIFFPURE, DiffPure
 SHAPE = (3, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0) -> LoadedUNet:

@@ -10,6 +10,7 @@ import torch
 
 from harness.analysis import (analyse, compression_rates, compression_scatter, gain_table, load_records,
                               randomness_spread, report_sections, save_record, scatter_points)
+from harness.store import open_db
 
 SHAPE = (3, 8, 8)
 
@@ -55,6 +56,7 @@ def _cells():
 
 
 def test_gain_table_scatter_and_sections(tmp_path):
+    engine = open_db(str(tmp_path / "results.db"))
     table = gain_table(_cells())
     assert len(table) == 3 and set(table["defense"]) == {"diffpure", "dda"}
     row = table[(table["defense"] == "diffpure") & (table["defense_options"] == "")].iloc[0]
@@ -66,10 +68,11 @@ def test_gain_table_scatter_and_sections(tmp_path):
                 "dataset": "cifar10"}
         record = {"compression": [{"norm": "linf", "kind": "random", "radius": 8 / 255, "kappa": 1 - compression,
                                    "compression": compression}]}
-        save_record(tmp_path / "analyses", meta, record)
-    records = load_records(tmp_path / "analyses")
+        save_record(engine, meta, record)
+        save_record(engine, meta, record)  # the same setting again replaces its record
+    records = load_records(engine)
     points = scatter_points(table, records)
-    assert len(points) == 3
+    assert len(records) == 3 and len(points) == 3
     path, r = compression_scatter(points, tmp_path / "out" / "scatter.png")
     assert path.is_file() and r > 0.9
     sections = report_sections(table, records, tmp_path / "out")
@@ -77,3 +80,21 @@ def test_gain_table_scatter_and_sections(tmp_path):
     assert "<table" in str(sections[0].html) and "20.00" in str(sections[0].html)
     _, nan_r = compression_scatter(points[:1], tmp_path / "one.png")
     assert math.isnan(nan_r)
+
+
+def test_analysis_rows_are_keyed_by_kind_and_config(tmp_path):
+    from sqlalchemy.orm import Session
+
+    from harness.store import Analysis, load_analyses, new_run, save_analysis
+
+    engine = open_db(str(tmp_path / "results.db"))
+    with Session(engine) as session:
+        run = new_run(session, "harness analyse", {"git_commit": "abc", "harness_version": "0.1", "packages": {}})
+        first = save_analysis(session, "fixed-randomness", {"defense": "dda", "options": {"scale": 2}},
+                              {"n": 1}, run.id)
+        again = save_analysis(session, "fixed-randomness", {"options": {"scale": 2}, "defense": "dda"},
+                              {"n": 2}, run.id)
+        other = save_analysis(session, "other-kind", {"defense": "dda", "options": {"scale": 2}}, {"n": 3})
+        assert first.key == again.key != other.key and session.query(Analysis).count() == 2
+        [row] = load_analyses(session, "fixed-randomness")
+        assert row.result == {"n": 2} and row.run.git_commit == "abc" and row.created_at is not None

@@ -4,40 +4,23 @@ fixed-randomness study, and its report sections."""
 from __future__ import annotations
 
 import pytest
-import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from harness.analysis import gain_table, load_records, report_sections, worst_of_n_accuracy
-from harness.analysis.study import StudyRequest, run_study
-from harness.classifiers import save_classifier
 from harness.cli import main
-from harness.models.classifiers import build_classifier
 from harness.report import cells_frame
 from harness.runner import RunRequest, run_grid
-from harness.store import Cell, SampleResult, open_db
+from harness.store import Analysis, Cell, Run, SampleResult, open_db
 
 PROTOCOLS = ("non-adaptive", "adaptive", "adaptive-eot", "bpda")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
-def classifier_file(tmp_path):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_classifier("convnet-tiny", 10)
-    return str(save_classifier(model, "convnet-tiny", 10, tmp_path / "c.safetensors"))
-
-
-def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, tmp_path, classifier_file):
+def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, harness_home, tmp_path, classifier_file):
     out = tmp_path / "ddpm-folder"
     result = CliRunner().invoke(main, ["train", "ddpm", "--preset", "tiny", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -59,14 +42,24 @@ def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, tmp_path, classifier
         assert cell.config["defense"]["options"] == {"steps": 2, "unet": str(out)}
         assert cell.config["defense"]["preset_config"]["tstar"] == 0.3
 
-    folder = tmp_path / "analyses"
-    path = run_study(StudyRequest("diffpure", classifier=classifier_file, preset="tiny", options=options, n=3,
-                                  attack={"name": "pgd", "steps": 1}, radii=(8 / 255,), spread_seeds=(0, 1),
-                                  progress=False), folder)
-    record = load_records(folder)[0]
-    assert path.parent == folder and record["meta"]["options"] == options
+    db = str(tmp_path / "r.db")
+    analysed = CliRunner().invoke(main, ["analyse", "fixed-randomness", "--defense", "diffpure", "--classifier",
+                                         classifier_file, "--preset", "tiny", "--option", "steps=2", "--option",
+                                         f"unet={out}", "--n", "3", "--steps", "1", "--db", db])
+    assert analysed.exit_code == 0, analysed.output
+    [record] = load_records(engine)
+    assert record["key"] == analysed.stdout.split()[-1] and record["meta"]["options"] == options
     assert {c["norm"] for c in record["record"]["compression"]} == {"l2", "linf"}
     assert record["record"]["provenance"]["unet"]["kind"] == "local"
+    with Session(engine) as s:  # stored in the results DB with the provenance of its own run
+        row = s.scalars(select(Analysis)).one()
+        run = s.get(Run, row.run_id)
+        assert row.kind == "fixed-randomness" and run.status == "done" and run.finished_at is not None
+        assert run.harness_version and "torch" in run.packages
+    assert not (harness_home / "analyses").exists()  # no JSON files any more
+    reported = CliRunner().invoke(main, ["report", "--db", db, "--out", str(tmp_path / "cli-report")])
+    assert reported.exit_code == 0, reported.output
+    assert "Compression rate vs robust gain" in (tmp_path / "cli-report" / "index.html").read_text()
     with Session(engine) as s:  # the runner stores the protocol's per-sample extra; pin it for the check
         eot = s.scalars(select(Cell).where(Cell.protocol == "adaptive-eot", Cell.defense == "diffpure")).one()
         samples = s.scalars(select(SampleResult).where(SampleResult.cell_id == eot.id)).all()

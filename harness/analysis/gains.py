@@ -4,12 +4,12 @@
 ``gain = robust accuracy of the defense - robust accuracy of the undefended classifier`` (defense
 ``none``) on the same dataset, classifier, threat model and eps. Per protocol the strongest attack
 counts (lowest seed-averaged robust accuracy). Analysis records (:func:`harness.analysis.fixed_randomness.analyse`)
-are stored as JSON files next to the results, one per (defense, preset, options, dataset).
+are rows of the results DB (:class:`harness.store.Analysis`, kind ``fixed-randomness``), one per
+setting (defense, version, preset, options, dataset, classifier, data fingerprint).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -27,10 +27,12 @@ from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from harness.store import Cell, SampleResult  # noqa: E402
+from harness.store import Cell, SampleResult, load_analyses, save_analysis  # noqa: E402
 
-__all__ = ["PROTOCOL_COLUMNS", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record", "load_records",
-           "scatter_points", "compression_scatter", "report_sections"]
+__all__ = ["PROTOCOL_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record",
+           "load_records", "scatter_points", "compression_scatter", "report_sections"]
+
+ANALYSIS_KIND = "fixed-randomness"
 
 PROTOCOL_COLUMNS = {"non-adaptive": "non_adaptive", "bpda": "bpda", "adaptive": "fixed", "adaptive-eot": "fresh"}
 _GROUP = ["dataset", "classifier", "threat", "eps_text"]
@@ -85,23 +87,21 @@ def _options_of(defense_options: str) -> dict[str, Any]:
     return dict(json.loads(defense_options).get("options") or {}) if defense_options else {}
 
 
-def _record_name(meta: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16] + ".json"
+def save_record(engine: Engine, meta: Mapping[str, Any], record: Mapping[str, Any],
+                run_id: int | None = None) -> str:
+    """Store an analysis ``record`` in the results DB for the setting ``meta`` (which must hold
+    ``defense``, ``preset``, ``options`` (the ``--option`` dict) and ``dataset``); the same ``meta``
+    again replaces it; ``run_id`` names the :class:`harness.store.Run` holding its provenance. Returns
+    the record's key."""
+    with Session(engine) as session:
+        return save_analysis(session, ANALYSIS_KIND, meta, record, run_id).key
 
 
-def save_record(folder: str | Path, meta: Mapping[str, Any], record: Mapping[str, Any]) -> Path:
-    """Store an analysis ``record`` under ``folder``, named by a hash of ``meta`` (which must hold
-    ``defense``, ``preset``, ``options`` (the ``--option`` dict) and ``dataset``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / _record_name(meta)
-    path.write_text(json.dumps({"meta": dict(meta), "record": dict(record)}, indent=1, default=str))
-    return path
-
-
-def load_records(folder: str | Path) -> list[dict[str, Any]]:
-    folder = Path(folder)
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+def load_records(engine: Engine) -> list[dict[str, Any]]:
+    """Every stored fixed-randomness record as ``{"meta", "record", "key", "created_at"}``."""
+    with Session(engine) as session:
+        return [{"meta": row.config, "record": row.result, "key": row.key, "created_at": row.created_at}
+                for row in load_analyses(session, ANALYSIS_KIND)]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,19 @@
 :func:`run_study` builds the defense exactly as ``harness run`` does (same entry, preset, options and
 classifier, the same test images as a cell of ``n`` images), attacks them with the fixed-randomness adaptive protocol (for the
 adversarial distances and compression), runs :func:`harness.analysis.fixed_randomness.analyse` and
-saves the record with :func:`harness.analysis.gains.save_record`, where the report picks it up.
+saves the record in the results DB (:func:`harness.analysis.gains.save_record`, with a
+:class:`harness.store.Run` holding the code provenance), where ``harness report`` picks it up.
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from harness.analysis.fixed_randomness import analyse
 from harness.analysis.gains import save_record
@@ -19,18 +24,14 @@ from harness.attacks.factory import build_attack
 from harness.building import build_defense, resolve_preset
 from harness.classifiers import DEFAULT_CLASSIFIER, resolve_classifier
 from harness.data import load_split
-from harness.paths import harness_home
 from harness.protocols import get_protocol
+from harness.provenance import code_provenance
 from harness.registry import default_registry
 from harness.runner import evaluation_subset
+from harness.store import Run, new_run, open_db, utcnow
 from harness.threat import Epsilon, ThreatModel
 
-__all__ = ["StudyRequest", "run_study", "default_folder"]
-
-
-def default_folder() -> Path:
-    """``<harness home>/analyses/fixed-randomness``."""
-    return harness_home() / "analyses" / "fixed-randomness"
+__all__ = ["StudyRequest", "run_study"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,31 @@ class StudyRequest:
     progress: bool = True
 
 
-def run_study(request: StudyRequest, folder: str | Path | None = None) -> Path:
-    """Analyse ``request.defense`` on the ``n`` images a cell evaluates; return the stored record's path."""
+def run_study(request: StudyRequest, engine: Engine | None = None) -> str:
+    """Analyse ``request.defense`` on the ``n`` images a cell evaluates and store the record in the
+    results DB behind ``engine`` (default: :func:`harness.store.open_db`); return the record's key."""
+    engine = engine if engine is not None else open_db()
+    with Session(engine) as session:
+        run_id = new_run(session, shlex.join(sys.argv), code_provenance()).id
+    try:
+        meta, record = _study(request)
+        key = save_record(engine, meta, record, run_id)
+    except BaseException:
+        _finish(engine, run_id, "failed")
+        raise
+    _finish(engine, run_id, "done")
+    return key
+
+
+def _finish(engine: Engine, run_id: int, status: str) -> None:
+    with Session(engine) as session:
+        run = session.get(Run, run_id)
+        run.status, run.finished_at = status, utcnow()
+        session.commit()
+
+
+def _study(request: StudyRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The setting (``meta``) and the record of the analyses."""
     entry = default_registry().get(request.defense)
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root)
@@ -75,4 +99,4 @@ def run_study(request: StudyRequest, folder: str | Path | None = None) -> Path:
     meta = {"defense": entry.name, "version": entry.version, "preset": preset or "",
             "options": dict(request.options), "dataset": test.info.name, "classifier": classifier.id,
             "fingerprint": test.fingerprint}
-    return save_record(folder or default_folder(), meta, record)
+    return meta, record

@@ -16,16 +16,17 @@ import torch
 from harness.artifacts import ArtifactCache
 from harness.context import BuildContext, TrainContext
 from harness.diffusion.model import LoadedUNet, load_unet, unet_from_state
-from harness.diffusion.sampler import SAMPLERS, Schedule
+from harness.diffusion.sampler import SAMPLERS, GradientGuide, Guide, Schedule
 from harness.diffusion.train import DDPM_RECIPE_VERSION, shared_ddpm
 from harness.errors import UsageError
 from harness.noise import NoiseDraws
 from harness.registry import Defense, Purifier
 
-__all__ = ["SAMPLER_OPTIONS", "DiffusionPurifier", "ReversePurifier", "entry_build", "resolve_options",
+__all__ = ["SAMPLER_OPTIONS", "GUIDANCE", "DiffusionPurifier", "ReversePurifier", "entry_build", "resolve_options",
            "load_entry_unet", "train_entry_ddpm"]
 
 SAMPLER_OPTIONS = ("unet", "sampler", "eta", "checkpoint", "batch_invariant")
+GUIDANCE = ("x0", "unet")  # how a guided purifier pulls toward its input (harness.diffusion.sampler)
 
 
 def resolve_options(config: Mapping[str, Any], options: Mapping[str, Any],
@@ -100,40 +101,60 @@ class ReversePurifier(DiffusionPurifier):
     """Start at t* (the input diffused there, or pure noise with ``from_noise``) and run ``steps``
     reverse steps to 0, optionally guided toward the input by :meth:`guide`.
 
-    Draw 0 is the starting noise, draw k (k >= 1) the noise of reverse step k.
+    Draw 0 is the starting noise, draw k (k >= 1) the noise of reverse step k. Guided subclasses
+    (``guided = True``) define a per-image loss :meth:`guide_loss` and its x0-gradient :meth:`guide`;
+    ``guidance`` (one of :data:`GUIDANCE`) picks whether the pull is taken on x0 or through the UNet.
     """
 
-    guided = False  # subclasses that override guide() set this
+    guided = False  # subclasses that override guide() and guide_loss() set this
 
     def __init__(self, loaded: LoadedUNet, *, tstar: float, steps: int, from_noise: bool = False,
-                 **kwargs: Any):
+                 guidance: str = "x0", **kwargs: Any):
+        if guidance not in GUIDANCE:
+            raise UsageError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
+        if self.guided:
+            kwargs["guidance"] = guidance
         super().__init__(loaded, tstar=float(tstar), steps=int(steps), **kwargs)
         self.from_noise = from_noise
+        self.guidance = guidance
         self.start = self.schedule.start_index(float(tstar))
         self.timesteps = self.schedule.timesteps(self.start, int(steps))
 
-    def guide(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        """The step subtracted from ``x0`` (predicted clean image at step ``t``) to pull it toward the
-        input ``ref`` (see :mod:`harness.diffusion.sampler`)."""
+    def guide_loss(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The per-image guidance loss ``L(x0, ref)`` (shape ``(batch,)``) pulling the predicted clean
+        image ``x0`` toward the input ``ref``; its x0-gradient is :meth:`guide`."""
         raise NotImplementedError
+
+    def guide(self, x0: torch.Tensor, t: int, ref: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``grad_{x0} guide_loss``, in closed form: the step subtracted from ``x0`` (predicted clean
+        image at step ``t``) with ``guidance=x0`` (see :mod:`harness.diffusion.sampler`)."""
+        raise NotImplementedError
+
+    def _guide(self, x: torch.Tensor) -> Guide | GradientGuide | None:
+        if not self.guided:
+            return None
+        if self.guidance == "unet":
+            return GradientGuide(lambda x0, t: self.guide_loss(x0, t, x),
+                                 create_graph=torch.is_grad_enabled() and x.requires_grad)
+        return lambda x0, t: self.guide(x0, t, x)
 
     def purify(self, x: torch.Tensor, noise: NoiseDraws) -> torch.Tensor:
         shape = x.shape[1:]
         eps = noise.randn(shape, device=x.device, dtype=x.dtype)
         noises = [noise.randn(shape, device=x.device, dtype=x.dtype) for _ in self.timesteps]
         xt = eps if self.from_noise else self.schedule.diffuse(x, self.start, eps)
-        guide = (lambda x0, t: self.guide(x0, t, x)) if self.guided else None
-        return self.schedule.reverse(self.eps, xt, self.timesteps, noises, self.eta, guide=guide,
+        return self.schedule.reverse(self.eps, xt, self.timesteps, noises, self.eta, guide=self._guide(x),
                                      use_checkpoint=self.use_checkpoint)
 
 
-def entry_build(cls: type[DiffusionPurifier], settings: tuple[str, ...]) -> Callable[[BuildContext], Defense]:
-    """A ``DefenseEntry.build`` for purifier ``cls``: options ``settings`` + :data:`SAMPLER_OPTIONS`,
-    defaults from the preset, the UNet from :func:`load_entry_unet`."""
+def entry_build(cls: type[DiffusionPurifier], settings: tuple[str, ...],
+                shared: tuple[str, ...] = SAMPLER_OPTIONS) -> Callable[[BuildContext], Defense]:
+    """A ``DefenseEntry.build`` for purifier ``cls``: options ``settings`` + ``shared`` (a subset of
+    :data:`SAMPLER_OPTIONS`), defaults from the preset, the UNet from :func:`load_entry_unet`."""
     def build(ctx: BuildContext) -> Defense:
-        opts = resolve_options(ctx.config, ctx.options, settings + SAMPLER_OPTIONS)
+        opts = resolve_options(ctx.config, ctx.options, settings + shared)
         purifier = cls.from_options(load_entry_unet(ctx, opts), opts, **{k: opts[k] for k in settings})
         return Defense(ctx.classifier, purifier)
 
-    build.__doc__ = f"Build a {cls.__name__} defense (options: {', '.join(settings + SAMPLER_OPTIONS)})."
+    build.__doc__ = f"Build a {cls.__name__} defense (options: {', '.join(settings + shared)})."
     return build

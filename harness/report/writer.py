@@ -69,14 +69,13 @@ def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version
 
 def _randomness_sections(engine: Engine, cells, out_dir: Path) -> list[ExtraSection]:
     """The fixed-vs-fresh randomness table and the compression scatter (Liu & Wei, arXiv 2505.22839),
-    from the cells and the records of `harness analyse fixed-randomness`."""
+    from the cells and the analysis records (of `harness analyse fixed-randomness`) in the same DB."""
     from harness.analysis.gains import gain_table, load_records, report_sections, worst_of_n_accuracy
-    from harness.analysis.study import default_folder
 
     if cells.empty:
         return []
     table = gain_table(cells, worst_of_n=worst_of_n_accuracy(engine))
-    return report_sections(table, load_records(default_folder()), out_dir)
+    return report_sections(table, load_records(engine), out_dir)
 
 
 def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = FORMATS, *,
