@@ -103,32 +103,40 @@ def _mean_blend_entry(trained_on: list[str]) -> DefenseEntry:
 
 
 def test_purifier_trained_on_another_dataset_is_a_cell_of_its_own(tiny_cifar, tmp_path):
+    """A purifier trained on (synthetic) RGB 32x32 CIFAR-10 in front of a grey 28x28 MNIST classifier."""
     from harness.data import import_dataset
 
-    import_dataset("cifar100", _write_imagefolder(tmp_path / "c100", 100, (3, 32, 32), 1), progress=False)
+    digits = _write_imagefolder(tmp_path / "mnist", 10, (1, 28, 28), 2)
+    for k in range(10):  # MNIST's class names are the digits
+        for split in ("train", "test"):
+            (digits / split / f"class_{k:03d}").rename(digits / split / str(k))
+    import_dataset("mnist", digits, progress=False)
     torch.manual_seed(0)
     clf10 = save_classifier(build_classifier("convnet-tiny", 10), "convnet-tiny", 10, tmp_path / "c10.safetensors")
-    clf100 = save_classifier(build_classifier("convnet-tiny", 100), "convnet-tiny", 100, tmp_path / "c100.safetensors")
+    grey = save_classifier(build_classifier("convnet-tiny", 10, (1, 28, 28)), "convnet-tiny", 10,
+                           tmp_path / "grey.safetensors")
     trained_on: list[str] = []
     registry = Registry()
     registry.register(_mean_blend_entry(trained_on))
     engine = open_db(str(tmp_path / "r.db"))
-    request = RunRequest(defenses=("meanblend",), classifier=str(clf10), train_classifier=str(clf100),
-                         train_datasets=(None, "cifar100"), protocols=("adaptive",), n=8, batch_size=4,
-                         attacks=({"name": "pgd", "steps": 2},), progress=False)
+    request = RunRequest(defenses=("meanblend",), dataset="mnist", classifier=str(grey),
+                         train_classifier=str(clf10), train_datasets=(None, "cifar10"), protocols=("adaptive",),
+                         n=8, batch_size=4, attacks=({"name": "pgd", "steps": 2},), progress=False)
     outcomes = run_grid(request, engine, registry)
 
-    assert [o.train_dataset for o in outcomes] == [None, "cifar100"]
-    assert sorted(trained_on) == ["cifar10", "cifar100"]
+    assert [o.train_dataset for o in outcomes] == [None, "cifar10"]
+    assert sorted(trained_on) == ["cifar10", "mnist"]
     with Session(engine) as s:
         cells = list(s.scalars(select(Cell)))
-    assert len({c.key for c in cells}) == 2
-    transferred = [c for c in cells if c.config["defense"].get("train_dataset") == "cifar100"]
-    assert len(transferred) == 1 and transferred[0].dataset == "cifar10"
-    assert transferred[0].config["defense"]["train_classifier"] != cells[0].classifier
+    assert len({c.key for c in cells}) == 2 and {c.dataset for c in cells} == {"mnist"}
+    transferred = [c for c in cells if c.config["defense"].get("train_dataset") == "cifar10"]
+    assert len(transferred) == 1
+    assert transferred[0].config["defense"]["train_classifier"] != transferred[0].classifier
+    assert transferred[0].config["defense_provenance"]["adapter"]["inner_shape"] == [3, 32, 32]
+    assert 10 < transferred[0].metrics["psnr_clean"] < 100  # purified images are grey 28x28 again
     table = transfer_table(cells_frame(engine))
-    assert sorted(table["train_dataset"]) == ["cifar10", "cifar100"]
-    assert set(table["dataset"]) == {"cifar10"}
+    assert sorted(table["train_dataset"]) == ["cifar10", "mnist"]
+    assert set(table["dataset"]) == {"mnist"}
 
     # the same request again stores nothing new and trains nothing
     again = run_grid(request, engine, registry)
