@@ -76,7 +76,8 @@ def test_gain_table_scatter_and_sections(tmp_path):
     path, r = compression_scatter(points, tmp_path / "out" / "scatter.png")
     assert path.is_file() and r > 0.9
     sections = report_sections(table, records, tmp_path / "out")
-    assert [s.images for s in sections][1] == ("figures/compression_vs_gain.png",)
+    assert [s.images for s in sections][1] == ("figures/compression_vs_gain_8-255.png",)
+    assert scatter_points(table, records, eps_text="4/255") == []  # no 4/255 cells: no points
     assert "<table" in str(sections[0].html) and "20.00" in str(sections[0].html)
     _, nan_r = compression_scatter(points[:1], tmp_path / "one.png")
     assert math.isnan(nan_r)

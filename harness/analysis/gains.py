@@ -27,7 +27,9 @@ from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from harness.report.frame import safe_stem  # noqa: E402
 from harness.store import Cell, SampleResult, load_analyses, save_analysis  # noqa: E402
+from harness.threat import Epsilon  # noqa: E402
 
 __all__ = ["PROTOCOL_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record",
            "load_records", "scatter_points", "compression_scatter", "report_sections"]
@@ -112,8 +114,11 @@ class ScatterPoint:
 
 
 def scatter_points(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], *, norm: str = "linf",
-                   radius: float = 8 / 255, gain: str = "gain_fixed") -> list[ScatterPoint]:
-    """Join analysis records (random-direction compression at ``norm``/``radius``) with ``table`` rows."""
+                   eps_text: str = "8/255", gain: str = "gain_fixed") -> list[ScatterPoint]:
+    """Join analysis records with the ``table`` rows of attack budget ``eps_text``: the compression rate
+    of random ``norm`` perturbations at radius eps against the robust gain at that eps."""
+    radius = Epsilon.parse(eps_text).value
+    table = table[table["eps_text"] == eps_text]
     points = []
     for item in records:
         meta = item["meta"]
@@ -169,13 +174,17 @@ def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], o
              "and exact gradients (fixed); adaptive EOT with fresh randomness (fresh; fresh_worst: correct on all "
              "N re-draws). Gain = defense minus the "
              "undefended classifier (Liu & Wei, arXiv 2505.22839).")]
-    points = scatter_points(table, records)
-    if points:
-        path, r = compression_scatter(points, Path(out_dir) / "figures" / "compression_vs_gain.png")
+    for eps_text in sorted(set(table["eps_text"]), key=lambda e: Epsilon.parse(e).value):
+        points = scatter_points(table, records, eps_text=eps_text)
+        if not points:
+            continue
+        name = f"compression_vs_gain_{safe_stem(eps_text)}.png"
+        path, r = compression_scatter(points, Path(out_dir) / "figures" / name)
         sections.append(ExtraSection(
-            title="Compression rate vs robust gain (fixed randomness)",
-            text=f"l_inf compression at radius 8/255 with the purifier's noise fixed; Pearson r = {r:.3f} "
-                 f"over {len(points)} settings.",
+            title=f"Compression rate vs robust gain (fixed randomness, eps {eps_text})",
+            text=f"l_inf compression of random perturbations at radius {eps_text} with the purifier's noise "
+                 f"fixed, against the robust gain under the adaptive fixed-randomness attack at the same eps; "
+                 f"Pearson r = {r:.3f} over {len(points)} settings.",
             images=(str(path.relative_to(Path(out_dir))),),
             caption="Each point is one defense setting."))
     return sections
