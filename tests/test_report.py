@@ -205,6 +205,18 @@ def test_match_reported_eps_forms():
     assert match_reported(None, dataset="cifar10", threat="linf", eps=0.1, eps_text="0.1") is None
 
 
+def test_match_reported_keeps_adaptive_and_non_adaptive_numbers_apart():
+    rep = [{"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack standard, non-adaptive",
+            "robust": 87.3},
+           {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack rand (EOT 20), adaptive",
+            "robust": 70.6}]
+    kw = dict(dataset="cifar10", threat="linf", eps=8 / 255, eps_text="8/255")
+    assert match_reported(rep, protocol="non-adaptive", **kw)["robust"] == 87.3
+    assert match_reported(rep, protocol="adaptive", **kw)["robust"] == 70.6
+    assert match_reported(rep, protocol="adaptive-eot", **kw)["robust"] == 70.6
+    assert match_reported(rep[:1], protocol="adaptive", **kw) is None
+
+
 def test_empty_db(tmp_path):
     engine = open_db(f"sqlite:///{tmp_path}/empty.db")
     paths = write_reports(engine, tmp_path / "out")

@@ -137,3 +137,12 @@ def test_variants_and_purifier_quality_are_stored(tiny_cifar, tmp_path, classifi
         assert "variant corrupt:contrast:3" in cells["corrupt:contrast:3"].data_source
         for cell in cells.values():
             assert 10 < cell.metrics["psnr_clean"] < 100 and 0 < cell.metrics["ssim_clean"] < 1
+
+    # the leaderboard keeps clean data and variants in separate tables, and names the data source once
+    from harness.report.frame import aggregate_seeds, cells_frame, done_cells
+    from harness.report.tables import build_tables
+
+    tables = build_tables(aggregate_seeds(done_cells(cells_frame(engine))))
+    assert [(t.variants, len(t.rows)) for t in tables] == [(False, 1), (True, 2)]
+    assert tables[1].stem.endswith("_variants") and "dataset variants" in tables[1].title
+    assert not any("variant" in note for t in tables for note in t.notes)

@@ -29,7 +29,10 @@ from kornia.color import hsv_to_rgb, lab_to_rgb, rgb_to_hsv, rgb_to_lab
 from harness.data.store import Split, fingerprint
 from harness.errors import UsageError
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "variant_names", "parse_variant", "apply_variant",
+#: Joins a split's data source and the variant applied to it (``"<source>; variant colored (...)"``).
+VARIANT_SEPARATOR = "; variant "
+
+__all__ = ["VARIANT_SEPARATOR", "CORRUPTIONS", "SEVERITIES", "variant_names", "parse_variant", "apply_variant",
            "reinhard_transfer", "corrupt"]
 
 SEVERITIES = (0, 1, 2, 3, 4, 5)
@@ -147,4 +150,4 @@ def apply_variant(split: Split, variant: str, seed: int = 0) -> Split:
     images = torch.cat(chunks).contiguous()
     detail = f"seed {seed}" if kind == "colored" else "Hendrycks & Dietterich parameters"
     return replace(split, images=images, fingerprint=fingerprint(images.numpy(), split.labels.numpy()),
-                   source=f"{split.source}; variant {variant} ({detail})")
+                   source=f"{split.source}{VARIANT_SEPARATOR}{variant} ({detail})")

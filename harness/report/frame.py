@@ -106,13 +106,13 @@ def _attack_params(config: Mapping[str, Any]) -> str:
 
 
 def _defense_options(config: Mapping[str, Any]) -> str:
-    """Non-default defense options, train seed and (for a transferred purifier) its training dataset
-    (``config["defense"]``), as JSON; ``""`` if none."""
+    """Non-default defense options, a train seed other than 0 and (for a transferred purifier) its
+    training dataset (``config["defense"]``), as JSON; ``""`` if none."""
     defense = config.get("defense")
     if not isinstance(defense, Mapping):
         return ""
     picked = {k: defense[k] for k in ("options", "train_seed", "train_dataset")
-              if defense.get(k) not in (None, {}, "")}
+              if defense.get(k) not in (None, {}, "") and not (k == "train_seed" and defense[k] == 0)}
     return canonical_json(picked) if picked else ""
 
 
@@ -196,9 +196,20 @@ def _norm(text: Any) -> str:
     return "".join(ch for ch in str(text or "").lower() if ch.isalnum())
 
 
+def _attack_setting(attack: str) -> str | None:
+    """``"non-adaptive"`` / ``"adaptive"`` when a reported attack's text says which, else ``None``."""
+    text = str(attack or "").lower()
+    if "non-adaptive" in text or "nonadaptive" in text:
+        return "non-adaptive"
+    return "adaptive" if any(word in text for word in ("adaptive", "eot", "bpda")) else None
+
+
 def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_text: str,
-                   classifier: str = "", attack_label: str = "") -> dict[str, Any] | None:
+                   classifier: str = "", attack_label: str = "", protocol: str = "") -> dict[str, Any] | None:
     """The entry's reported number for this dataset/threat/eps, or ``None``.
+
+    A number reported for a non-adaptive attack is never matched with an adaptive cell, nor the
+    reverse (when the reported attack text says which it is).
 
     Reported eps is text (``"8/255"``); it matches the cell's text or, within 0.5 %, its value (papers
     round ``8/255`` to ``0.031``-ish decimals). Among several matches, one whose classifier and then
@@ -215,6 +226,9 @@ def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_
         value = _eps_value(item.get("eps"))
         if str(item.get("eps", "")).strip() != eps_text and (
                 value is None or not math.isclose(value, eps, rel_tol=5e-3)):
+            continue
+        setting = _attack_setting(item.get("attack"))
+        if protocol and setting and setting != ("non-adaptive" if protocol == "non-adaptive" else "adaptive"):
             continue
         score = 2 * (bool(item.get("classifier")) and _norm(item.get("classifier")) == _norm(classifier))
         score += _norm(item.get("attack")) == _norm(attack_label)
@@ -255,6 +269,6 @@ def aggregate_seeds(done: pd.DataFrame) -> pd.DataFrame:
         row["reported"] = match_reported(
             row["entry"].get("reported"), dataset=row["dataset"], threat=row["threat"],
             eps=float(row["eps"]), eps_text=row["eps_text"], classifier=row["classifier"],
-            attack_label=row["attack_label"])
+            attack_label=row["attack_label"], protocol=row["protocol"])
         out.append(row)
     return pd.DataFrame(out, columns=columns)

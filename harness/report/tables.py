@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from harness.report.frame import PROTOCOLS, canonical_json, data_label, protocol_info, safe_stem
+from harness.data.variants import VARIANT_SEPARATOR
 
 __all__ = ["PROTOCOLS", "Num", "Column", "Row", "LeaderTable", "protocol_info", "data_label",
            "safe_stem", "build_tables", "to_markdown", "to_latex", "latex_escape", "markdown_escape",
@@ -94,11 +95,13 @@ class LeaderTable:
     protocols: list[str]  # protocols used in the table, in tier order
     entries: dict[str, dict[str, Any]]  # defense name -> its entry (paper, citation, ...)
     stem: str = ""
+    variants: bool = False  # rows on colour-shifted / corrupted variants of the test set (not clean data)
 
     @property
     def title(self) -> str:
-        """``cifar10 · ℓ∞ · ε = 8/255``."""
-        return f"{self.dataset} · {_THREAT_TEXT.get(self.threat, self.threat)} · ε = {self.eps_text}"
+        """``cifar10 · ℓ∞ · ε = 8/255`` (``· dataset variants`` for a table of variant rows)."""
+        return (f"{self.dataset} · {_THREAT_TEXT.get(self.threat, self.threat)} · ε = {self.eps_text}"
+                + (" · dataset variants" if self.variants else ""))
 
 
 def _row_values(rec: Mapping[str, Any], metrics: list[str], ref: int | None) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def _one_table(group: pd.DataFrame) -> LeaderTable:
             notes.append(f"Data: {first['data_source']}")
         elif key != "defense_version" and distinct[0]:
             notes.append(f"{title}: {distinct[0]}")
-    sources = sorted(set(group["data_source"].astype(str)))
+    sources = sorted({s.split(VARIANT_SEPARATOR)[0] for s in group["data_source"].astype(str)})
     if any(data_label(s) == "JPEG copy" for s in sources):
         notes.append("JPEG copy: evaluated on a JPEG-compressed copy of the test set (" +
                      "; ".join(s for s in sources if data_label(s) == "JPEG copy") +
@@ -167,7 +170,8 @@ def _one_table(group: pd.DataFrame) -> LeaderTable:
     return LeaderTable(
         dataset=str(first["dataset"]), threat=str(first["threat"]), eps_text=str(first["eps_text"]),
         eps=float(first["eps"]), columns=columns, rows=rows, notes=notes,
-        references=[(i, text) for text, i in refs.items()], protocols=protocols, entries=entries)
+        references=[(i, text) for text, i in refs.items()], protocols=protocols, entries=entries,
+        variants=bool((group["variant"] != "clean").any()))
 
 
 def _reference_text(rep: Mapping[str, Any]) -> str:
@@ -177,17 +181,21 @@ def _reference_text(rep: Mapping[str, Any]) -> str:
 
 
 def build_tables(aggregated: pd.DataFrame) -> list[LeaderTable]:
-    """One :class:`LeaderTable` per (dataset, threat, eps_text), ordered by dataset, threat, eps."""
+    """One :class:`LeaderTable` per (dataset, threat, eps_text) on the clean test data, and one more
+    per (dataset, threat, eps_text) for the rows on dataset variants; ordered by dataset, threat, eps."""
     if aggregated.empty:
         return []
     tables, stems = [], set()
-    for _, group in aggregated.groupby(["dataset", "threat", "eps_text"], sort=False):
+    on_variant = (aggregated["variant"] != "clean").rename("on_variant")
+    for _, group in aggregated.groupby(["dataset", "threat", "eps_text", on_variant], sort=False):
         tables.append(_one_table(group))
-    tables.sort(key=lambda t: (t.dataset, _THREAT_ORDER.get(t.threat, 9), t.threat, t.eps, t.eps_text))
+    tables.sort(key=lambda t: (t.dataset, _THREAT_ORDER.get(t.threat, 9), t.threat, t.eps, t.eps_text,
+                               t.variants))
     for table in tables:
-        stem, i = safe_stem(table.dataset, table.threat, table.eps_text), 2
+        base = safe_stem(table.dataset, table.threat, table.eps_text, *(["variants"] if table.variants else []))
+        stem, i = base, 2
         while stem in stems:  # two eps texts that sanitise alike
-            stem, i = f"{safe_stem(table.dataset, table.threat, table.eps_text)}_{i}", i + 1
+            stem, i = f"{base}_{i}", i + 1
         stems.add(stem)
         table.stem = stem
     return tables
