@@ -195,9 +195,9 @@ DISCO = DefenseEntry(
     presets=PRESETS,
     train=train,
     reported=(
-        Reported("cifar10", "linf", "8/255", "AutoAttack standard", 89.26, 85.33,
+        Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 89.26, 85.33,
                  "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),
-        Reported("cifar100", "linf", "8/255", "AutoAttack standard", 69.78, 76.91,
+        Reported("cifar100", "linf", "8/255", "AutoAttack standard, non-adaptive", 69.78, 76.91,
                  "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10"),
     ),
     description="LIIF (EDSR-baseline encoder, MLP decoder) re-rendering the input, trained with an L1 "

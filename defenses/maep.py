@@ -204,9 +204,9 @@ MAEP = DefenseEntry(
     presets=PRESETS,
     train=train,
     reported=(
-        Reported("cifar10", "linf", "8/255", "AutoAttack standard", 92.30, 88.73,
+        Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 92.30, 88.73,
                  "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),
-        Reported("cifar100", "linf", "8/255", "AutoAttack standard", 73.67, 76.22,
+        Reported("cifar100", "linf", "8/255", "AutoAttack standard, non-adaptive", 73.67, 76.22,
                  "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10"),
     ),
     description="ViT masked autoencoder (patch 2) trained on PGD pairs with a masked L1 purification "

@@ -125,10 +125,11 @@ def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds
               help="Any of md, tex, csv, html.")
 def report(db, out, formats) -> None:
     """Render Markdown/LaTeX/CSV tables and the HTML leaderboard from the results database."""
-    from harness.report.writer import write_reports
+    from harness.report.writer import installed_reported, write_reports
     from harness.store import open_db
 
-    for path in write_reports(open_db(db), out, formats=_split_csv(formats)):
+    for path in write_reports(open_db(db), out, formats=_split_csv(formats),
+                              current_reported=installed_reported()):
         click.echo(str(path))
 
 

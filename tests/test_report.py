@@ -181,6 +181,11 @@ def test_seed_aggregation_frame(db):
     assert [t.stem for t in tables] == ["cifar10_linf_8-255", "cifar10_l2_0.5"]
     assert "Unfinished" not in to_markdown(tables[1])
 
+    # the installed entry's reported numbers (e.g. a corrected citation) win over the stored ones
+    fixed = [dict(eot["reported"], source="MAEP paper, Table 3 (corrected)")]
+    again = aggregate_seeds(done_cells(cells_frame(db)), {("maep", "1"): fixed})
+    assert again[again["protocol"] == "adaptive-eot"].iloc[0]["reported"]["source"].endswith("(corrected)")
+
 
 def test_other_options_are_not_averaged_as_seeds(tmp_path):
     engine = open_db(f"sqlite:///{tmp_path}/o.db")

@@ -237,13 +237,16 @@ def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_
     return best
 
 
-def aggregate_seeds(done: pd.DataFrame) -> pd.DataFrame:
+def aggregate_seeds(done: pd.DataFrame,
+                    current_reported: Mapping[tuple[str, str], Any] | None = None) -> pd.DataFrame:
     """Finished cells grouped over seeds: one row per :data:`SEED_GROUP_KEYS` combination.
 
     Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg}_{mean,std}`` (fractions; std is the
     sample std over seeds, ``None`` for one seed), ``metric_stats`` ({name: (mean, std)}),
     ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell)
-    and ``reported`` (see :func:`match_reported`).
+    and ``reported`` (see :func:`match_reported`). ``current_reported`` maps (defense, version) of
+    installed entries to their reported numbers, which take precedence over those stored with the
+    cells (so a corrected citation shows without recomputing anything).
     """
     columns = list(SEED_GROUP_KEYS) + [
         "seeds", "seed_list", "clean_mean", "clean_std", "robust_mean", "robust_std", "avg_mean",
@@ -266,8 +269,10 @@ def aggregate_seeds(done: pd.DataFrame) -> pd.DataFrame:
         newest = max(records, key=lambda r: r["cell_id"])
         entry = newest["config"].get("entry") if isinstance(newest["config"], dict) else None
         row["entry"] = entry if isinstance(entry, dict) else {}
+        reported = (current_reported or {}).get((row["defense"], row["defense_version"]),
+                                                row["entry"].get("reported"))
         row["reported"] = match_reported(
-            row["entry"].get("reported"), dataset=row["dataset"], threat=row["threat"],
+            reported, dataset=row["dataset"], threat=row["threat"],
             eps=float(row["eps"]), eps_text=row["eps_text"], classifier=row["classifier"],
             attack_label=row["attack_label"], protocol=row["protocol"])
         out.append(row)
