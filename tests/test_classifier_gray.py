@@ -3,7 +3,6 @@ on the real Fashion-MNIST (skipped where the Debian package dataset-fashion-mnis
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -58,10 +57,8 @@ def test_tiny_preset_on_real_fashion_mnist(tmp_path):
     """2,000 training images, 8 epochs: about 81% on the first 2,000 test images, in ~10 s on one thread."""
     import_dataset("fashion-mnist", DEBIAN_FASHION, root=tmp_path, progress=False)
     train, test = (load_split("fashion-mnist", s, root=tmp_path) for s in ("train", "test"))
-    start = time.perf_counter()
     model, metrics = train_classifier(train.images, train.labels, 10, CLASSIFIER_PRESETS["tiny"], seed=0,
                                       progress=False, eval_images=test.images[:2000],
                                       eval_labels=test.labels[:2000], dataset=train.info)
-    assert time.perf_counter() - start < 60
     assert metrics["eval_accuracy"] > 0.7, metrics  # chance: 0.1
     assert model(test.float_images(torch.arange(4))).shape == (4, 10)
