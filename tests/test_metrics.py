@@ -90,6 +90,8 @@ def _cells():
 
 
 def test_report_tables(tmp_path):
+    import pandas as pd
+
     from harness.report.quality import color_shift_table, corruption_frame, quality_table, transfer_table
 
     cells = _cells()
@@ -101,6 +103,12 @@ def test_report_tables(tmp_path):
     curve = corruption_frame(cells)
     contrast = curve[(curve["defense"] == "none") & (curve["corruption"] == "contrast")]
     assert list(contrast["severity"]) == [0, 3, 5] and list(contrast["clean_acc"]) == [90.0, 80.0, 60.0]
+    # settings without corrupted cells (another dataset, another protocol) get no severity-0 point
+    other = cells[cells["variant"] == "clean"].assign(dataset="fashion-mnist")
+    adaptive = cells[cells["variant"] == "clean"].assign(protocol="adaptive")
+    curve = corruption_frame(pd.concat([cells, other, adaptive], ignore_index=True))
+    assert set(curve["dataset"]) == {"cifar10"} and set(curve["protocol"]) == {"non-adaptive"}
+    assert len(curve) == 2 * 5  # two defenses x (contrast at 0, 3, 5 + saturate at 0, 5)
     transfer = transfer_table(cells).set_index("defense")
     assert transfer.loc["maep", "train_dataset"] == "cifar100" and transfer.loc["none", "train_dataset"] == "cifar10"
 

@@ -29,6 +29,7 @@ __all__ = ["QUALITY_METRICS", "quality_table", "color_shift_table", "corruption_
 QUALITY_METRICS = ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv")
 _SETTING = ["defense", "preset", "classifier", "dataset", "protocol", "attack_label", "eps_text"]
 _ACC = {"clean_acc": "clean", "robust_acc": "robust", "avg_acc": "avg"}
+_CURVE = ["defense", "preset", "dataset", "protocol", "attack_label", "eps_text"]  # one line per setting
 
 
 def _done(cells: pd.DataFrame) -> pd.DataFrame:
@@ -82,8 +83,10 @@ def corruption_frame(cells: pd.DataFrame) -> pd.DataFrame:
     parts = corrupt["variant"].str.split(":", expand=True) if len(corrupt) else None
     corrupt = corrupt.assign(corruption=parts[1], severity=parts[2].astype(int)) if parts is not None \
         else corrupt.assign(corruption=pd.Series(dtype=str), severity=pd.Series(dtype=int))
-    clean = done[done["variant"] == "clean"]
-    rows = [corrupt] + [clean.assign(corruption=name, severity=0) for name in sorted(set(corrupt["corruption"]))]
+    # severity 0 is the clean data, for exactly the settings (and corruptions) that have corrupted cells
+    clean = done[done["variant"] == "clean"].drop(columns=["corruption", "severity"], errors="ignore")
+    curves = corrupt[_SETTING + ["corruption"]].drop_duplicates()
+    rows = [corrupt, clean.merge(curves, on=_SETTING).assign(severity=0)]
     keys = _SETTING + ["corruption", "severity"]
     return _percent(_mean(pd.concat(rows, ignore_index=True), keys, list(_ACC)), list(_ACC))
 
@@ -105,8 +108,11 @@ def transfer_table(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_color_shift(table: pd.DataFrame, path: Path) -> Path:
-    """Grouped bars of clean accuracy on clean vs colour-shifted data per defense (and protocol)."""
-    labels = [f"{d}\n{p}" for d, p in zip(table["defense"], table["protocol"])]
+    """Grouped bars of clean accuracy on clean vs colour-shifted data, one pair per defense setting
+    (clean accuracy does not depend on the attack protocol: one row per setting is drawn)."""
+    table = table.drop_duplicates(subset=["defense", "preset", "classifier", "dataset"])
+    several = table["dataset"].nunique() > 1
+    labels = [f"{d}\n{ds}" if several else d for d, ds in zip(table["defense"], table["dataset"])]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.2))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], table["clean_acc"], 0.4, label="clean data")
@@ -125,9 +131,12 @@ def plot_corruptions(frame: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.0), squeeze=False)
     for ax, name in zip(axes[0], names):
         part = frame[frame["corruption"] == name]
-        for (defense, protocol), line in part.groupby(["defense", "protocol"], sort=True):
+        for keys, line in part.groupby(_CURVE, sort=True):
+            setting = dict(zip(_CURVE, keys))
+            label = f"{setting['defense']} ({setting['protocol']}" + "".join(
+                f", {setting[k]}" for k in ("dataset", "eps_text", "attack_label") if frame[k].nunique() > 1) + ")"
             line = line.sort_values("severity")
-            drawn = ax.plot(line["severity"], line["clean_acc"], marker="o", label=f"{defense} ({protocol})")
+            drawn = ax.plot(line["severity"], line["clean_acc"], marker="o", label=label)
             ax.plot(line["severity"], line["robust_acc"], linestyle="--", color=drawn[0].get_color())
         ax.set_title(name)
         ax.set_xlabel("severity")
