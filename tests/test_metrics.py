@@ -111,6 +111,11 @@ def test_report_tables(tmp_path):
     assert len(curve) == 2 * 5  # two defenses x (contrast at 0, 3, 5 + saturate at 0, 5)
     transfer = transfer_table(cells).set_index("defense")
     assert transfer.loc["maep", "train_dataset"] == "cifar100" and transfer.loc["none", "train_dataset"] == "cifar10"
+    # the same purifier trained on the evaluation dataset is another row, never averaged with it
+    native = cells[cells["defense"] == "maep"].assign(config=[{}] * 10, clean_acc=0.0)
+    shift = color_shift_table(pd.concat([cells, native], ignore_index=True))
+    maep = shift[shift["defense"] == "maep"].set_index("train_dataset")
+    assert maep.loc["cifar100", "clean_acc"] == 80.0 and maep.loc["cifar10", "clean_acc"] == 0.0
 
 
 def test_report_sections_render(tmp_path):

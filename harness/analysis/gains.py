@@ -59,10 +59,11 @@ def worst_of_n_accuracy(engine: Engine) -> dict[str, float]:
 
 def gain_table(cells: pd.DataFrame, baseline: str = "none",
                worst_of_n: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """One row per defense setting: robust accuracy per protocol, the baseline, and the gains under
+    """One row per defense setting (on the clean test data): robust accuracy per protocol, the baseline, and the gains under
     fixed (``adaptive``) and fresh (``adaptive-eot``) randomness, in [0, 1]; with ``worst_of_n``
     (from :func:`worst_of_n_accuracy`) also ``fresh_worst``, fresh randomness judged worst-of-N."""
-    done = cells[(cells["status"] == "done") & cells["protocol"].isin(list(PROTOCOL_COLUMNS))]
+    done = cells[(cells["status"] == "done") & cells["protocol"].isin(list(PROTOCOL_COLUMNS))
+                 & (cells["variant"] == "clean")]
     if done.empty:
         return pd.DataFrame()
     done = done.fillna({"preset": "", "defense_options": ""})

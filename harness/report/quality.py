@@ -27,13 +27,17 @@ __all__ = ["QUALITY_METRICS", "quality_table", "color_shift_table", "corruption_
 
 #: Cell metrics of Table 1, in column order (written by :func:`harness.metrics.merge_quality`).
 QUALITY_METRICS = ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv")
-_SETTING = ["defense", "preset", "classifier", "dataset", "protocol", "attack_label", "eps_text"]
+#: A transferred purifier (trained on another dataset) is a setting of its own in every table.
+_SETTING = ["defense", "preset", "classifier", "train_dataset", "dataset", "protocol", "attack_label", "eps_text"]
 _ACC = {"clean_acc": "clean", "robust_acc": "robust", "avg_acc": "avg"}
 _CURVE = ["defense", "preset", "dataset", "protocol", "attack_label", "eps_text"]  # one line per setting
 
 
 def _done(cells: pd.DataFrame) -> pd.DataFrame:
-    return cells[cells["status"] == "done"] if "status" in cells else cells
+    """The finished cells, with ``train_dataset``: the dataset the purifier was trained on."""
+    done = cells[cells["status"] == "done"] if "status" in cells else cells
+    return done.assign(train_dataset=[_train_dataset(c, d) for c, d in zip(done["config"], done["dataset"])]
+                       if len(done) else pd.Series(dtype=str))
 
 
 def _mean(frame: pd.DataFrame, keys: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
@@ -99,12 +103,7 @@ def _train_dataset(config: object, dataset: str) -> str:
 def transfer_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Tables 7-9: accuracy of each defense by (purifier training dataset, test dataset)."""
     done = _done(cells)
-    done = done[done["variant"] == "clean"]
-    done = done.assign(train_dataset=[_train_dataset(c, d) for c, d in zip(done["config"], done["dataset"])]) \
-        if len(done) else done.assign(train_dataset=pd.Series(dtype=str))
-    keys = ["defense", "preset", "classifier", "train_dataset", "dataset", "protocol", "attack_label",
-            "eps_text"]
-    return _percent(_mean(done, keys, list(_ACC)), list(_ACC))
+    return _percent(_mean(done[done["variant"] == "clean"], _SETTING, list(_ACC)), list(_ACC))
 
 
 def plot_color_shift(table: pd.DataFrame, path: Path) -> Path:
