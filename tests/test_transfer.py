@@ -134,6 +134,13 @@ def test_purifier_trained_on_another_dataset_is_a_cell_of_its_own(tiny_cifar, tm
     assert transferred[0].config["defense"]["train_classifier"] != transferred[0].classifier
     assert transferred[0].config["defense_provenance"]["adapter"]["inner_shape"] == [3, 32, 32]
     assert 10 < transferred[0].metrics["psnr_clean"] < 100  # purified images are grey 28x28 again
+    from harness.report.frame import aggregate_seeds, done_cells
+
+    reported = [{"dataset": "mnist", "threat": "linf", "eps": "8/255", "attack": "PGD", "clean": 99.0,
+                 "robust": 90.0, "source": "paper"}]
+    rows = aggregate_seeds(done_cells(cells_frame(engine)), {("meanblend", "1"): reported})
+    in_domain = "train_dataset" not in rows["defense_options"].iloc[0]
+    assert [r is not None for r in rows["reported"]] == ([True, False] if in_domain else [False, True])
     table = transfer_table(cells_frame(engine))
     assert sorted(table["train_dataset"]) == ["cifar10", "mnist"]
     assert set(table["dataset"]) == {"mnist"}

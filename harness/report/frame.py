@@ -271,6 +271,9 @@ def aggregate_seeds(done: pd.DataFrame,
         row["entry"] = entry if isinstance(entry, dict) else {}
         reported = (current_reported or {}).get((row["defense"], row["defense_version"]),
                                                 row["entry"].get("reported"))
+        defense_config = newest["config"].get("defense") if isinstance(newest["config"], dict) else None
+        if isinstance(defense_config, dict) and defense_config.get("train_dataset"):
+            reported = None  # papers report in-domain numbers; a transferred purifier has none to show
         row["reported"] = match_reported(
             reported, dataset=row["dataset"], threat=row["threat"],
             eps=float(row["eps"]), eps_text=row["eps_text"], classifier=row["classifier"],
