@@ -166,8 +166,9 @@ def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], o
         return []
     extra = ["fresh_worst"] if "fresh_worst" in table else []
     shown = table[_SETTING + list(PROTOCOL_COLUMNS.values()) + extra + ["baseline", "gain_fixed", "gain_fresh"]]
+    shown = shown.rename_axis(columns=None)  # no stray "protocol" header from the pivot
     html = Markup(shown.to_html(index=False, escape=True, float_format=lambda v: f"{100 * v:.2f}",
-                                na_rep="-", classes="table"))
+                                na_rep="–", classes="board", border=0))
     sections = [ExtraSection(
         title="Robust gain under fixed vs fresh randomness",
         html=html,
