@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from harness.diffusion.purifier import DiffusionPurifier, entry_build, train_entry_ddpm
-from harness.diffusion.sampler import checkpointed
-from harness.errors import UsageError
-from harness.noise import NoiseDraws
-from harness.registry import DefenseEntry, Kind
+from harness.toolkit.diffusion.purifier import DiffusionPurifier, diffusion_options, entry_build, train_entry_ddpm
+from harness.toolkit.diffusion.sampler import checkpointed
+from harness.core.errors import UsageError
+from harness.core.noise import NoiseDraws
+from harness.core.entry import DefenseEntry, Kind, Metadata
 
 PROBE, MIN_STEP, MAX_STEP = 1e-3, 1e-5, 0.1  # ADP code: lr_min, min_step_lr, 10^4 * min_step_lr
 
@@ -91,16 +91,20 @@ class ADP(DiffusionPurifier):
             return 2 * u - 1
 
 
+_SETTINGS = ("sigma", "steps", "step_scale", "score_sigma", "stop")
+_SHARED = ("unet", "checkpoint", "batch_invariant")
 _PRESET = {"sigma": 0.25, "step_scale": 0.05, "score_sigma": 0.25, "stop": 1e-3}
 
 ADP_ENTRY = DefenseEntry(
     name="adp",
     version="1",
     kind=Kind.PURIFIER,
-    paper="Adversarial Purification with Score-based Generative Models (Yoon et al., ICML 2021)",
+    paper="Adversarial Purification with Score-based Generative Models",
     citation="Yoon, Hwang, Lee. ICML 2021. arXiv 2106.06041",
-    build=entry_build(ADP, ("sigma", "steps", "step_scale", "score_sigma", "stop"),
-                      shared=("unet", "checkpoint", "batch_invariant")),
+    build=entry_build(ADP, _SETTINGS, shared=_SHARED),
+    options=diffusion_options(_SETTINGS, _SHARED),
+    metadata=Metadata(architecture="DDPM UNet score model + base classifier", nfe=11, venue="ICML", year=2021,
+                      code_url="https://github.com/jmyoon1/adp"),
     stochastic=True,
     differentiable=True,
     presets={

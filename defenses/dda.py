@@ -8,7 +8,7 @@ then up-sampling by ``D``). DDA was designed for corruptions; it is known to fai
 Option ``guidance`` (stored in the cell):
 
 * ``x0`` (default) [reconstructed]: the x0-space step ``x0_hat -= scale * phi(x0_hat - y)`` of
-  :mod:`harness.diffusion.sampler`, the gradient of ``L = scale/2 ||phi(x0_hat - y)||^2``. With
+  :mod:`harness.toolkit.diffusion.sampler`, the gradient of ``L = scale/2 ||phi(x0_hat - y)||^2``. With
   ``scale = 1`` it replaces the low frequencies of the prediction by those of the input, as ILVR
   (Choi et al., ICCV 2021) does. Cheap: no gradient through the UNet.
 * ``unet`` (the paper's way): the same ``L`` differentiated with respect to ``x_t`` through the UNet
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.diffusion.purifier import ReversePurifier, entry_build, train_entry_ddpm
-from harness.registry import DefenseEntry, Kind
+from harness.core.entry import DefenseEntry, Kind, Metadata
+from harness.toolkit.diffusion.purifier import ReversePurifier, diffusion_options, entry_build, train_entry_ddpm
 
 
 def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -50,13 +50,18 @@ class DDA(ReversePurifier):
         return self.scale * low_pass(x0 - ref, self.factor)
 
 
+_SETTINGS = ("tstar", "steps", "scale", "D", "guidance")
+
 DDA_ENTRY = DefenseEntry(
     name="dda",
     version="1",
     kind=Kind.PURIFIER,
-    paper="Back to the Source: Diffusion-Driven Adaptation to Test-Time Corruption (Gao et al., CVPR 2023)",
+    paper="Back to the Source: Diffusion-Driven Adaptation to Test-Time Corruption",
     citation="Gao, Zhang, Liu, Darrell, Shelhamer, Wang. CVPR 2023. arXiv 2207.03442",
-    build=entry_build(DDA, ("tstar", "steps", "scale", "D", "guidance")),
+    build=entry_build(DDA, _SETTINGS),
+    options=diffusion_options(_SETTINGS),
+    metadata=Metadata(architecture="DDPM UNet purifier + base classifier", nfe=11, venue="CVPR", year=2023,
+                      code_url="https://github.com/shiyegao/DDA"),
     stochastic=True,
     differentiable=True,
     presets={

@@ -10,8 +10,8 @@ the cell): ``tstar`` (diffusion time in (0, 1]), ``steps`` (reverse steps), ``sa
 
 from __future__ import annotations
 
-from harness.diffusion.purifier import ReversePurifier, entry_build, train_entry_ddpm
-from harness.registry import DefenseEntry, Kind, Reported
+from harness.core.entry import DefenseEntry, Kind, Metadata, Reported
+from harness.toolkit.diffusion.purifier import ReversePurifier, diffusion_options, entry_build, train_entry_ddpm
 
 
 class DiffPure(ReversePurifier):
@@ -22,9 +22,12 @@ DIFFPURE = DefenseEntry(
     name="diffpure",
     version="1",
     kind=Kind.PURIFIER,
-    paper="Diffusion Models for Adversarial Purification (Nie et al., ICML 2022)",
+    paper="Diffusion Models for Adversarial Purification",
     citation="Nie, Guo, Huang, Xiao, Vahdat, Anandkumar. ICML 2022. arXiv 2205.07460",
     build=entry_build(DiffPure, ("tstar", "steps")),
+    options=diffusion_options(("tstar", "steps")),
+    metadata=Metadata(architecture="DDPM UNet purifier + base classifier", nfe=11, venue="ICML", year=2022,
+                      code_url="https://github.com/NVlabs/DiffPure"),
     stochastic=True,
     differentiable=True,
     presets={
@@ -35,11 +38,11 @@ DIFFPURE = DefenseEntry(
     train=train_entry_ddpm,
     reported=(
         Reported("cifar10", "linf", "8/255", "AutoAttack rand (EOT 20), adaptive", 89.02, 70.64,
-                 "Nie et al. 2022 (arXiv 2205.07460), Table 1", "WRN-28-10"),
+                 "Nie et al. 2022 (arXiv 2205.07460), Table 1", "WRN-28-10", tier="adaptive-eot"),
         Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 88.15, 87.29,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10", tier="non-adaptive"),
         Reported("cifar100", "linf", "8/255", "AutoAttack standard, non-adaptive", 61.98, 61.19,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10", tier="non-adaptive"),
     ),
     description="Diffuse to t* and denoise with a DDPM/DDIM sampler; exact gradients via checkpointing.",
 )

@@ -10,7 +10,7 @@ area weights. Inputs and outputs are normalised as (x - 0.5) / 0.5, as in LIIF's
 
 The purifier re-renders the input on its own pixel grid (scale 1). Training: L1 between the rendering
 of ``x_adv`` and the clean ``x`` on PGD pairs against the base classifier, sharing the pair generation
-(:mod:`harness.train.pairs`) and training loop (:mod:`harness.train.purifier`) with ``maep``. Choices
+(:mod:`harness.toolkit.pairs`) and training loop (:mod:`harness.toolkit.purifier_training`) with ``maep``. Choices
 not fixed by the papers, visible in the presets:
 
 * At scale 1 the local ensemble is equivalent to decoding each pixel from its own code (the
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.noise import NoiseDraws
-from harness.registry import Defense, DefenseEntry, Kind, Purifier, Reported
-from harness.train.purifier import train_on_pairs
+from harness.core.noise import NoiseDraws
+from harness.core.entry import Defense, DefenseEntry, Kind, Metadata, Purifier, Reported
+from harness.toolkit.purifier_training import train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from harness.context import BuildContext, TrainContext
+    from harness.core.context import BuildContext, TrainContext
 
 __all__ = ["DISCO", "DiscoPurifier", "EDSRBaseline", "LIIF", "PRESETS", "disco_loss", "new_purifier",
            "pixel_grid"]
@@ -180,7 +180,7 @@ def train(ctx: "TrainContext") -> dict[str, torch.Tensor]:
 def build(ctx: "BuildContext") -> Defense:
     purifier = new_purifier(ctx.config["model"], ctx.dataset.image_shape, seed=0)
     purifier.load_state_dict(ctx.weights())
-    return Defense(ctx.classifier, purifier.to(ctx.device).eval())
+    return Defense(ctx.classifier, purifier.eval())
 
 
 DISCO = DefenseEntry(
@@ -189,6 +189,8 @@ DISCO = DefenseEntry(
     kind=Kind.PURIFIER,
     paper="DISCO: Adversarial Defense with Local Implicit Functions",
     citation="Ho & Vasconcelos, NeurIPS 2022",
+    metadata=Metadata(architecture="LIIF (EDSR encoder, MLP decoder) purifier + base classifier", nfe=2,
+                      venue="NeurIPS", year=2022, code_url="https://github.com/chihhuiho/disco"),
     build=build,
     stochastic=False,
     differentiable=True,
@@ -196,9 +198,9 @@ DISCO = DefenseEntry(
     train=train,
     reported=(
         Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 89.26, 85.33,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10", tier="non-adaptive"),
         Reported("cifar100", "linf", "8/255", "AutoAttack standard, non-adaptive", 69.78, 76.91,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10", tier="non-adaptive"),
     ),
     description="LIIF (EDSR-baseline encoder, MLP decoder) re-rendering the input, trained with an L1 "
                 "purification loss on PGD pairs; deterministic. The MAEP paper evaluates it non-adaptively.",

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.noise import NoiseDraws
-from harness.registry import Defense, DefenseEntry, Kind, Purifier, Reported
-from harness.train.purifier import LossFn, train_on_pairs
+from harness.core.noise import NoiseDraws
+from harness.core.entry import Defense, DefenseEntry, Kind, Metadata, Purifier, Reported
+from harness.toolkit.purifier_training import LossFn, train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from harness.context import BuildContext, TrainContext
+    from harness.core.context import BuildContext, TrainContext
 
 __all__ = ["MAEP", "MAEPurifier", "maep_loss", "PRESETS"]
 
@@ -188,7 +188,7 @@ def train(ctx: "TrainContext") -> dict[str, torch.Tensor]:
 def build(ctx: "BuildContext") -> Defense:
     purifier = new_purifier(ctx.config["model"], ctx.dataset.image_shape, seed=0)
     purifier.load_state_dict(ctx.weights())
-    return Defense(ctx.classifier, purifier.to(ctx.device).eval())
+    return Defense(ctx.classifier, purifier.eval())
 
 
 MAEP = DefenseEntry(
@@ -198,6 +198,8 @@ MAEP = DefenseEntry(
     paper="Diffusion or Non-Diffusion Adversarial Defenses: Rethinking the Relation between Classifier "
           "and Adversarial Purifier",
     citation="Chen & Lu 2025, arXiv:2501.16904",
+    metadata=Metadata(architecture="ViT masked autoencoder purifier + base classifier", nfe=2, venue="arXiv",
+                      year=2025),
     build=build,
     stochastic=False,
     differentiable=True,
@@ -205,9 +207,9 @@ MAEP = DefenseEntry(
     train=train,
     reported=(
         Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 92.30, 88.73,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10", tier="non-adaptive"),
         Reported("cifar100", "linf", "8/255", "AutoAttack standard, non-adaptive", 73.67, 76.22,
-                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10"),
+                 "Chen & Lu 2025 (arXiv 2501.16904), Table 4", "WRN-28-10", tier="non-adaptive"),
     ),
     description="ViT masked autoencoder (patch 2) trained on PGD pairs with a masked L1 purification "
                 "loss; mask ratio 0 at inference (deterministic). The paper evaluates it non-adaptively.",

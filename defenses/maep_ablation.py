@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from defenses.maep import MAEP, PRESETS as MAEP_PRESETS, maep_loss, new_purifier
-from harness.registry import DefenseEntry
-from harness.train.purifier import LossFn, Stage, train_on_pairs
+from harness.core.entry import DefenseEntry
+from harness.toolkit.purifier_training import LossFn, Stage, train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from harness.context import TrainContext
+    from harness.core.context import TrainContext
 
 __all__ = ["MAEP_MLM", "MAEP_BOTH", "MAEP_TRADES_PIXEL", "mlm_loss", "both_loss", "trades_pixel_loss"]
 

@@ -9,7 +9,7 @@ guidance.
 Option ``guidance`` (stored in the cell):
 
 * ``x0`` (default) [reconstructed]: the x0-space step ``x0_hat -= grad_{x0} L`` of
-  :mod:`harness.diffusion.sampler`. Cheap: no gradient through the UNet.
+  :mod:`harness.toolkit.diffusion.sampler`. Cheap: no gradient through the UNet.
 * ``unet`` (the paper's equations): ``L`` differentiated with respect to ``x_t`` through the UNet
   (``x_{t-1} -= sqrt(a_t a_{t-1}) grad_{x_t} L``); exact attack gradients then need second-order
   terms through every UNet call (``create_graph`` only when the input requires grad). The released
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.diffusion.purifier import ReversePurifier, entry_build, train_entry_ddpm
-from harness.registry import DefenseEntry, Kind
+from harness.core.entry import DefenseEntry, Kind, Metadata
+from harness.toolkit.diffusion.purifier import ReversePurifier, diffusion_options, entry_build, train_entry_ddpm
 
 
 class MimicDiffusion(ReversePurifier):
@@ -47,14 +47,17 @@ class MimicDiffusion(ReversePurifier):
         return self.scale * diff / (diff.pow(2) + self.delta ** 2).sqrt()
 
 
+_SETTINGS = ("steps", "scale", "delta", "guidance")
+
 MIMICDIFFUSION = DefenseEntry(
     name="mimicdiffusion",
     version="1",
     kind=Kind.PURIFIER,
-    paper="MimicDiffusion: Purifying Adversarial Perturbation via Mimicking Clean Diffusion Model "
-          "(Song et al., 2023)",
+    paper="MimicDiffusion: Purifying Adversarial Perturbation via Mimicking Clean Diffusion Model",
     citation="Song, Lai, Pan, Yin. arXiv 2312.04802 (2023)",
-    build=entry_build(MimicDiffusion, ("steps", "scale", "delta", "guidance")),
+    build=entry_build(MimicDiffusion, _SETTINGS),
+    options=diffusion_options(_SETTINGS),
+    metadata=Metadata(architecture="DDPM UNet purifier + base classifier", nfe=21, venue="arXiv", year=2023),
     stochastic=True,
     differentiable=True,
     presets={

@@ -9,7 +9,7 @@ NeurIPS 2023. Instead of sampling, the input is refined by minimising the denois
 
 The optimiser is Adam, written out so that an attack can differentiate through every iteration
 (second-order gradients through the UNet). With option ``checkpoint`` (default on) each iteration runs
-under :func:`harness.diffusion.sampler.checkpointed`, the sampler's gradient checkpointing, so memory
+under :func:`harness.toolkit.diffusion.sampler.checkpointed`, the sampler's gradient checkpointing, so memory
 for exact gradients stays flat in ``iters`` (see ``tests/test_bench_checkpointing.py``).
 [reconstructed] noise level, number of iterations and step size are options (``tstar``, ``iters``,
 ``lr``); which output each variant returns follows PAPERS.md "Reference purifiers".
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.diffusion.purifier import DiffusionPurifier, entry_build, train_entry_ddpm
-from harness.diffusion.sampler import checkpointed
-from harness.noise import NoiseDraws
-from harness.registry import DefenseEntry, Kind, Reported
+from harness.toolkit.diffusion.purifier import DiffusionPurifier, diffusion_options, entry_build, train_entry_ddpm
+from harness.toolkit.diffusion.sampler import checkpointed
+from harness.core.noise import NoiseDraws
+from harness.core.entry import DefenseEntry, Kind, Metadata, Reported
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -85,14 +85,19 @@ class ScoreOptN(ScoreOpt):
         super().__init__(loaded, renoise=False, **kwargs)
 
 
+_SETTINGS = ("tstar", "iters", "lr")
+
+
 def _entry(name: str, cls: type[ScoreOpt], variant: str, reported: tuple[Reported, ...]) -> DefenseEntry:
     return DefenseEntry(
         name=name,
         version="1",
         kind=Kind.PURIFIER,
-        paper=f"Enhancing Adversarial Robustness via Score-Based Optimization, {variant} (Zhang et al., NeurIPS 2023)",
+        paper=f"Enhancing Adversarial Robustness via Score-Based Optimization ({variant})",
         citation="Zhang, Wang, Zhou, Chen, Lu. NeurIPS 2023. arXiv 2307.04333",
-        build=entry_build(cls, ("tstar", "iters", "lr")),
+        build=entry_build(cls, _SETTINGS),
+        options=diffusion_options(_SETTINGS),
+        metadata=Metadata(architecture="DDPM UNet purifier + base classifier", nfe=6, venue="NeurIPS", year=2023),
         stochastic=True,
         differentiable=True,
         presets={
@@ -108,5 +113,5 @@ def _entry(name: str, cls: type[ScoreOpt], variant: str, reported: tuple[Reporte
 
 SCOREOPT_O = _entry("scoreopt-o", ScoreOptO, "ScoreOpt-O", (
     Reported("cifar10", "linf", "8/255", "AutoAttack standard, non-adaptive", 89.18, 89.01,
-             "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10"),))
+             "Chen & Lu 2025 (arXiv 2501.16904), Table 3", "WRN-28-10", tier="non-adaptive"),))
 SCOREOPT_N = _entry("scoreopt-n", ScoreOptN, "ScoreOpt-N", ())

@@ -87,8 +87,8 @@ def one_thread():
 @pytest.fixture()
 def classifier_file(tmp_path) -> str:
     """An untrained ``convnet-tiny`` for 10 classes (initialised from seed 0), saved as safetensors."""
-    from harness.classifiers import save_classifier
-    from harness.models.classifiers import build_classifier
+    from harness.classifiers.sources import save_classifier
+    from harness.classifiers.architectures import build_classifier
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.artifacts import ArtifactCache
+from harness.core.artifacts import ArtifactCache
 from harness.attacks.base import perturbation_norm
-from harness.attacks.factory import build_attack
+from harness.attacks.catalog import build_attack
 from harness.attacks.pgd import PGD
-from harness.classifiers import resolve_classifier
+from harness.classifiers.sources import resolve_classifier
 from harness.data import load_split
-from harness.protocols import get_protocol
-from harness.registry import Defense, default_registry
-from harness.runner import evaluation_subset
-from harness.threat import Epsilon, ThreatModel
+from harness.evaluation.protocols import get_protocol
+from harness.core.entry import Defense, defense_registry
+from harness.evaluation.runner import evaluation_subset
+from harness.core.threat import Epsilon, ThreatModel
 
 N = 256
 LINF = ThreatModel("linf", Epsilon.parse("8/255"))
@@ -39,7 +39,7 @@ def setup(real_data_root, tmp_path_factory):
 
 def _robust_mask(setup, attack, protocol="adaptive", seed=0):
     defense, x, y, indices = setup
-    entry = default_registry().get("none")
+    entry = defense_registry().get("none")
     result = get_protocol(protocol).run(entry, defense, attack, x, y, indices, seed)
     return result, (result.clean_pred == y), (result.clean_pred == y) & (result.adv_pred == y)
 

@@ -1,9 +1,9 @@
 """Benchmark: exact gradients through unrolled diffusion purifiers, with and without checkpointing.
 
 Memory is the number of bytes autograd keeps for backward (deterministic, see
-:mod:`harness.diffusion.memory`), stored in the benchmark's ``extra_info``; with timing enabled
+:mod:`harness.toolkit.diffusion.memory`), stored in the benchmark's ``extra_info``; with timing enabled
 (``pytest tests/test_bench_checkpointing.py --benchmark-enable``) the time per gradient is measured too.
-Every purifier checkpoints through :func:`harness.diffusion.sampler.checkpointed`.
+Every purifier checkpoints through :func:`harness.toolkit.diffusion.sampler.checkpointed`.
 
 Measured when written (tiny UNet, 4 images of 3x32x32):
 
@@ -28,9 +28,9 @@ import torch
 from defenses.adp import ADP
 from defenses.diffpure import DiffPure
 from defenses.scoreopt import ScoreOptO
-from harness.diffusion import DiffusionPurifier, LoadedUNet, build_unet, ddpm_preset, make_scheduler
-from harness.diffusion.memory import saved_for_backward
-from harness.noise import FixedNoise
+from harness.toolkit.diffusion import DiffusionPurifier, LoadedUNet, build_unet, ddpm_preset, make_scheduler
+from harness.toolkit.diffusion.memory import saved_for_backward
+from harness.core.noise import FixedNoise
 
 SHAPE, BATCH = (3, 32, 32), 4
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from harness.attacks.base import Target
 from harness.attacks.pgd import PGD
-from harness.models.classifiers import build_classifier
-from harness.threat import Epsilon, ThreatModel
+from harness.classifiers.architectures import build_classifier
+from harness.core.threat import Epsilon, ThreatModel
 
 STEPS, BATCH = 10, 128
 

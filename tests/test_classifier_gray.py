@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from harness.data import dataset_info, import_dataset, load_split
-from harness.errors import UsageError
-from harness.models.classifiers import build_classifier
-from harness.train.classifier import CLASSIFIER_PRESETS, augment_batch, train_classifier
+from harness.core.errors import UsageError
+from harness.classifiers.architectures import build_classifier
+from harness.classifiers.training import CLASSIFIER_PRESETS, augment_batch, train_classifier
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FAST = {**CLASSIFIER_PRESETS["tiny"], "epochs": 1, "batch_size": 16}
@@ -30,7 +30,7 @@ def test_dataset_statistics_and_flips(monkeypatch):
     images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(32) % 10
     flips = []
-    import harness.train.classifier as recipe
+    import harness.classifiers.training as recipe
 
     real_augment = recipe.augment_batch
     monkeypatch.setattr(recipe, "augment_batch",

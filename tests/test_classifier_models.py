@@ -1,13 +1,15 @@
-"""Classifier architectures (harness.models.classifiers) and the training recipe (harness.train.classifier)."""
+"""Classifier architectures (harness.classifiers.architectures) and the training recipe (harness.classifiers.training)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness.errors import UsageError
-from harness.models.classifiers import ARCHITECTURES, build_classifier, count_parameters
-from harness.train.classifier import CLASSIFIER_PRESETS, augment_batch, evaluate_accuracy, train_classifier
+from harness.core.errors import UsageError
+from harness.classifiers.architectures import architecture_registry, build_classifier, count_parameters
+
+ARCHITECTURES = architecture_registry().names()
+from harness.classifiers.training import CLASSIFIER_PRESETS, augment_batch, evaluate_accuracy, train_classifier
 
 SMALL_ARCHS = [a for a in ARCHITECTURES if a != "wrn-28-10"]
 

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from harness.data import (DatasetInfo, Split, dataset_info, dataset_names, dataset_status, fetch_dataset,
-                          import_dataset, load_split, store)
-from harness.errors import MissingArtifactError, UsageError
+                          import_dataset, load_split, disk)
+from harness.core.errors import MissingArtifactError, UsageError
 
 CIFAR10 = dataset_info("cifar10").classes
 SAMPLES = Path(__file__).parents[1].parent / "shared/data/samples/cifar10"
@@ -138,7 +138,7 @@ def assert_split(split: Split, images: np.ndarray, labels: np.ndarray) -> None:
     assert split.images.is_contiguous()
     np.testing.assert_array_equal(split.images.numpy(), images)
     np.testing.assert_array_equal(split.labels.numpy(), labels)
-    assert split.fingerprint == store.fingerprint(images, labels)
+    assert split.fingerprint == disk.fingerprint(images, labels)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -342,13 +342,13 @@ def test_interrupted_import_keeps_previous_copy(tmp_path, monkeypatch):
     import_dataset("cifar10", folder, root=root, progress=False)
     before = load_split("cifar10", "train", root=root).fingerprint
     other, _ = make_cifar10(tmp_path / "other", seed=5)
-    real_write = store._write_split
+    real_write = disk._write_split
 
     def write_then_die(*args):
         real_write(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "_write_split", write_then_die)
+    monkeypatch.setattr(disk, "_write_split", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         import_dataset("cifar10", other, root=root, progress=False)
     monkeypatch.undo()
@@ -489,7 +489,7 @@ def test_leftovers_of_a_killed_import_are_cleaned(tmp_path):
     (root / ".cifar10.importing-x1").mkdir()
     (root / ".cifar10.download-x2").write_bytes(b"partial")
     (root / ".cifar100.importing-x3").mkdir()  # another dataset's: left alone
-    with store.locked(root, "cifar10"):
+    with disk.locked(root, "cifar10"):
         pass
     assert sorted(leftovers(root)) == [".cifar100.importing-x3"]
     assert_split(load_split("cifar10", "test", root=root), *expected["test"])

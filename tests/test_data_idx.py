@@ -20,7 +20,7 @@ import torch
 from harness.data import dataset_info, fetch_dataset, import_dataset, load_split
 from harness.data.catalog import catalog_entry
 from harness.data.formats import parse_idx
-from harness.errors import MissingArtifactError, UsageError
+from harness.core.errors import MissingArtifactError, UsageError
 from test_data import assert_split, leftovers, serve
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.data import dataset_info, import_dataset, load_split, store
+from harness.data import dataset_info, import_dataset, load_split, disk
 from harness.data import imagefolder
 from harness.data.catalog import DatasetInfo
 from harness.data.formats import Decoded, DecodedSplit
 from harness.data.imagenet_classes import WNIDS
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 from test_data import assert_split, leftovers, write_png
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared/data/samples"
@@ -166,7 +166,7 @@ def test_blockwise_import_reads_lazily_and_matches_one_block(tmp_path, monkeypat
     real_read = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real_read(self))
     seen = []  # (block size, files read so far) as the store consumes the blocks
-    real_write = store._write_split
+    real_write = disk._write_split
 
     def spy(path, info, split, data):
         def blocks():
@@ -175,7 +175,7 @@ def test_blockwise_import_reads_lazily_and_matches_one_block(tmp_path, monkeypat
                 yield block
         return real_write(path, info, split, DecodedSplit(data.labels, blocks()))
 
-    monkeypatch.setattr(store, "_write_split", spy)
+    monkeypatch.setattr(disk, "_write_split", spy)
     import_dataset("cifar10", src, root=tmp_path / "blocks", progress=False)
     assert seen == [(3, 3), (3, 6), (3, 9), (1, 10), (3, 13), (3, 16), (3, 19), (1, 20)]
     for split in ("train", "test"):
@@ -203,5 +203,5 @@ def test_store_rejects_blocks_that_do_not_fit(tmp_path):
         (DecodedSplit(np.array([], np.int64), []), "test has no images"),
     ):
         with pytest.raises(UsageError, match=message):
-            store.write_dataset(tmp_path, info, Decoded({"train": good, "test": bad}, info.classes, "x"), "s", {})
+            disk.write_dataset(tmp_path, info, Decoded({"train": good, "test": bad}, info.classes, "x"), "s", {})
         assert leftovers(tmp_path) == [] and not (tmp_path / "cifar10").exists()

@@ -1,4 +1,4 @@
-"""harness.diffusion and the diffpure entry: randomness control, checkpointing, loading, training."""
+"""harness.toolkit.diffusion and the diffpure entry: randomness control, checkpointing, loading, training."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from harness.artifacts import ArtifactCache
-from harness.context import BuildContext
+from harness.core.artifacts import ArtifactCache
+from harness.core.context import BuildContext
 from harness.data import Split, dataset_info
-from harness.diffusion import LoadedUNet, build_unet, ddpm_preset, load_unet, make_scheduler
-from harness.diffusion import train as diffusion_train
-from harness.diffusion.model import weights_fingerprint
-from harness.diffusion.sampler import Schedule
-from harness.errors import UsageError
-from harness.noise import FixedNoise
+from harness.toolkit.diffusion import LoadedUNet, build_unet, ddpm_preset, load_unet, make_scheduler
+from harness.toolkit.diffusion import train as diffusion_train
+from harness.core.keys import state_fingerprint
+from harness.toolkit.diffusion.sampler import Schedule
+from harness.core.errors import UsageError
+from harness.core.noise import FixedNoise
 from defenses.diffpure import DIFFPURE, DiffPure
 
 SHAPE = (3, 16, 16)
@@ -110,7 +110,7 @@ def test_from_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(again.unet(x, t).sample, loaded.unet(x, t).sample, rtol=0, atol=0)
     assert again.scheduler.config.num_train_timesteps == 100
     assert again.provenance["kind"] == "local" and again.provenance["source"] == str(tmp_path / "model")
-    assert again.provenance["weights_sha256"] == weights_fingerprint(loaded.unet)
+    assert again.provenance["weights_sha256"] == state_fingerprint(loaded.unet.state_dict())
     with pytest.raises(UsageError, match="save_pretrained"):
         load_unet(str(tmp_path))
 
@@ -127,8 +127,10 @@ def test_entry_options_and_provenance(tmp_path):
     purifier = defense.purifier
     assert purifier.timesteps == [19, 0] and purifier.eta == 0.0
     assert purifier.provenance["unet"]["source"] == "trained:tiny" and purifier.provenance["tstar"] == 0.2
-    with pytest.raises(UsageError, match="valid: tstar"):
-        DIFFPURE.build(_ctx({"tsar": 0.2}))
+    with pytest.raises(UsageError, match="did you mean 'tstar'.*valid: tstar"):
+        DIFFPURE.check_options({"tsar": 0.2})
+    with pytest.raises(UsageError, match="must be one of ddpm, ddim"):
+        DIFFPURE.check_options({"sampler": "euler"})
     tiny_unet().unet.save_pretrained(tmp_path / "u")
 
     def no_weights():
@@ -167,7 +169,7 @@ def test_training_steps_and_shared_cache(tmp_path, monkeypatch):
 
 
 def test_hf_source_parsing_without_network(monkeypatch):
-    import harness.diffusion.model as model
+    import diffusers
 
     calls = []
 
@@ -178,8 +180,8 @@ def test_hf_source_parsing_without_network(monkeypatch):
     def no_scheduler(*args, **kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(model.UNet2DModel, "from_pretrained", fake_unet)
-    monkeypatch.setattr(model.DDPMScheduler, "from_pretrained", no_scheduler)
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", fake_unet)
+    monkeypatch.setattr(diffusers.DDPMScheduler, "from_pretrained", no_scheduler)
     loaded = load_unet("hf:google/ddpm-cifar10-32:unet")
     assert calls == [("google/ddpm-cifar10-32", "unet")]
     assert loaded.provenance["kind"] == "huggingface" and loaded.scheduler.config.num_train_timesteps == 1000

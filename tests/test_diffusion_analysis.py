@@ -10,7 +10,7 @@ import torch
 
 from harness.analysis import (analyse, compression_rates, compression_scatter, gain_table, load_records,
                               randomness_spread, report_sections, save_record, scatter_points)
-from harness.store import open_db
+from harness.results import open_db
 
 SHAPE = (3, 8, 8)
 
@@ -89,7 +89,9 @@ def test_gain_table_scatter_and_sections(tmp_path):
 def test_analysis_rows_are_keyed_by_kind_and_config(tmp_path):
     from sqlalchemy.orm import Session
 
-    from harness.store import Analysis, load_analyses, new_run, save_analysis
+    from harness.results import Analysis
+
+    from harness.results.queries import load_analyses, new_run, save_analysis
 
     engine = open_db(str(tmp_path / "results.db"))
     with Session(engine) as session:

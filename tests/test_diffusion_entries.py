@@ -11,15 +11,15 @@ from defenses.dda import DDA_ENTRY, low_pass
 from defenses.diffpure import DIFFPURE
 from defenses.mimicdiffusion import MIMICDIFFUSION
 from defenses.scoreopt import SCOREOPT_N, SCOREOPT_O
-from harness.attacks.factory import build_attack
-from harness.context import BuildContext
+from harness.attacks.catalog import build_attack
+from harness.core.context import BuildContext
 from harness.data import dataset_info
-from harness.diffusion import build_unet, ddpm_preset
-from harness.errors import UsageError
-from harness.noise import FixedNoise
-from harness.protocols import get_protocol
-from harness.registry import default_registry
-from harness.threat import Epsilon, ThreatModel
+from harness.toolkit.diffusion import build_unet, ddpm_preset
+from harness.core.errors import UsageError
+from harness.core.noise import FixedNoise
+from harness.evaluation.protocols import get_protocol
+from harness.core.entry import defense_registry
+from harness.core.threat import Epsilon, ThreatModel
 
 ENTRIES = (DIFFPURE, DDA_ENTRY, MIMICDIFFUSION, SCOREOPT_O, SCOREOPT_N, ADP_ENTRY)
 GUIDED = (DDA_ENTRY, MIMICDIFFUSION)
@@ -41,7 +41,7 @@ def images(n: int) -> torch.Tensor:
 
 
 def test_entries_are_registered_and_stochastic():
-    names = set(default_registry(reload=True).names())
+    names = set(defense_registry(reload=True).names())
     for entry in ENTRIES:
         assert entry.name in names and entry.stochastic and entry.differentiable
         assert {"small", "paper"} <= set(entry.presets)
@@ -196,7 +196,7 @@ def test_adp_options_and_score_timestep():
     assert "sampler" not in purifier.provenance
     assert build(ADP_ENTRY).purifier.provenance["sigma"] == 0.25
     with pytest.raises(UsageError, match="valid: sigma, steps, step_scale"):
-        build(ADP_ENTRY, sampler="ddim")
+        ADP_ENTRY.check_options({"sampler": "ddim"})
     with pytest.raises(UsageError, match="score_sigma > 0"):
         build(ADP_ENTRY, score_sigma=0)
 

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from harness.analysis import gain_table, load_records, report_sections, worst_of_n_accuracy
 from harness.cli import main
 from harness.report import cells_frame
-from harness.runner import RunRequest, run_grid
-from harness.store import Analysis, Cell, Run, SampleResult, open_db
+from harness.evaluation.runner import RunRequest, run_grid
+from harness.results import Analysis, Cell, Run, SampleResult, open_db
 
 PROTOCOLS = ("non-adaptive", "adaptive", "adaptive-eot", "bpda")
 
@@ -35,7 +35,9 @@ def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, harness_home, tmp_pa
                          attacks=({"name": "pgd", "steps": 1, "eot": 2},), protocols=PROTOCOLS,
                          options=options, progress=False)
     outcomes = run_grid(request, engine)
-    assert [o.protocol for o in outcomes] == list(PROTOCOLS) * 2
+    # `none` has no purifier: one adaptive cell answers non-adaptive, adaptive and bpda
+    assert [o.protocol for o in outcomes] == ["adaptive", "adaptive-eot"] + list(PROTOCOLS)
+    assert outcomes[0].requested == ("non-adaptive", "adaptive", "bpda")
     assert all(o.status == "done" and o.robust_acc <= o.clean_acc for o in outcomes)
     with Session(engine) as s:
         cell = s.scalars(select(Cell).where(Cell.protocol == "adaptive", Cell.defense == "diffpure")).one()

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from defenses.disco import DISCO, LIIF, disco_loss, new_purifier
-from harness.context import BuildContext, TrainContext
+from harness.core.context import BuildContext, TrainContext
 from harness.data import DatasetInfo, Split
-from harness.data.store import fingerprint
-from harness.noise import FixedNoise
-from harness.registry import Defense
+from harness.data.disk import fingerprint
+from harness.core.noise import FixedNoise
+from harness.core.entry import Defense
 
 TINY = {
     "pairs": {"n": 24, "eps": "8/255", "steps": 2, "step_size": "2/255", "batch_size": 12},
@@ -109,9 +109,9 @@ MAEP_TINY = {
     ("maep-trades-pixel", {"mask_ratio": 0.5, "beta": 1.0}),
 ])
 def test_ablation_entries_train_and_build(name, extra):
-    from harness.registry import default_registry
+    from harness.core.entry import defense_registry
 
-    entry = default_registry().get(name)
+    entry = defense_registry().get(name)
     assert set(entry.presets) == {"small", "paper"} and "Table 10" in entry.citation
     config = dict(MAEP_TINY, train=dict(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, **extra))
     split, classifier = _split(), _classifier()
@@ -145,15 +145,15 @@ def test_mlm_mask_replays_maep_mask():
 # --- PGD pairs: one cached artifact shared by every recipe with the same pair settings -----------
 
 def test_entries_with_the_same_pairs_compute_them_once(tmp_path, monkeypatch):
-    import harness.train.pairs as pairs_module
-    from harness.artifacts import ArtifactCache
-    from harness.registry import default_registry
-    from harness.train.pairs import adversarial_pairs, training_pairs
+    import harness.toolkit.pairs as pairs_module
+    from harness.core.artifacts import ArtifactCache
+    from harness.core.entry import defense_registry
+    from harness.toolkit.pairs import adversarial_pairs, training_pairs
 
     calls = []
     generate = pairs_module._generate
     monkeypatch.setattr(pairs_module, "_generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
-    registry, cache = default_registry(), ArtifactCache(tmp_path)
+    registry, cache = defense_registry(), ArtifactCache(tmp_path)
     split, classifier = _split(), _classifier()
     maep_train = dict(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, mask_ratio=0.5)
     recipes = {"maep": dict(MAEP_TINY, train=dict(maep_train, clean_fraction=0.0)),

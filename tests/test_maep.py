@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from defenses.maep import MAEP, MAEPurifier, maep_loss, new_purifier
-from harness.context import BuildContext, TrainContext
+from harness.core.context import BuildContext, TrainContext
 from harness.data import DatasetInfo, Split
-from harness.noise import FixedNoise, NoiseDraws
-from harness.train.pairs import adversarial_pairs, module_fingerprint, pairs_recipe
-from harness.train.purifier import train_purifier
+from harness.core.noise import FixedNoise, NoiseDraws
+from harness.core.keys import module_fingerprint
+from harness.toolkit.pairs import adversarial_pairs, pairs_recipe
+from harness.toolkit.purifier_training import train_purifier
 
 EPS = 8 / 255
 INFO = DatasetInfo("cifar10", 10, (3, 32, 32), tuple(f"c{i}" for i in range(10)))

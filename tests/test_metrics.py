@@ -1,4 +1,4 @@
-"""PSNR / SSIM / l_p distances of harness.metrics."""
+"""PSNR / SSIM / l_p distances of harness.evaluation.metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness.metrics import PSNR_CAP, lp_distance, psnr, quality, ssim
+from harness.evaluation.metrics import PSNR_CAP, lp_distance, psnr, quality, ssim
 
 
 @pytest.fixture()
@@ -50,9 +50,9 @@ def test_shape_mismatch_rejected(images):
 # --- per-cell quality and the report pieces built on it ----------------------------------------------
 
 def test_batch_quality_and_resumable_means(images):
-    from harness.metrics import batch_quality, merge_quality
-    from harness.noise import FixedNoise
-    from harness.registry import Defense
+    from harness.evaluation.metrics import batch_quality, merge_quality
+    from harness.core.noise import FixedNoise
+    from harness.core.entry import Defense
 
     defense = Defense(torch.nn.Flatten())  # identity purifier
     x_adv = (images + 4 / 255).clamp(0, 1)

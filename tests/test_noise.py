@@ -2,7 +2,7 @@
 
 import torch
 
-from harness.noise import FixedNoise, FreshNoise, noise_source
+from harness.core.noise import FixedNoise, FreshNoise, noise_source
 
 
 def test_fixed_noise_is_per_sample_and_batch_independent():

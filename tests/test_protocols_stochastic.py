@@ -10,12 +10,12 @@ from torch import nn
 
 from defenses.diffpure import DIFFPURE, DiffPure
 from harness.attacks.pgd import PGD
-from harness.diffusion import LoadedUNet, build_unet, ddpm_preset, make_scheduler
-from harness.errors import UsageError
-from harness.noise import FixedNoise
-from harness.protocols import PROTOCOLS, get_protocol
-from harness.registry import Defense
-from harness.threat import Epsilon, ThreatModel
+from harness.toolkit.diffusion import LoadedUNet, build_unet, ddpm_preset, make_scheduler
+from harness.core.errors import UsageError
+from harness.core.noise import FixedNoise
+from harness.evaluation.protocols import get_protocol, protocol_registry
+from harness.core.entry import Defense
+from harness.core.threat import Epsilon, ThreatModel
 
 SHAPE = (3, 16, 16)
 N = 16
@@ -98,7 +98,7 @@ def test_adaptive_eot_fresh_evaluation_and_worst_of_n(setup):
 
 
 def test_protocol_registry_and_checks():
-    assert {"non-adaptive", "adaptive", "adaptive-eot", "bpda"} <= set(PROTOCOLS)
+    assert {"non-adaptive", "adaptive", "adaptive-eot", "bpda"} <= set(protocol_registry().names())
     opaque = dataclasses.replace(DIFFPURE, differentiable=False)
     with pytest.raises(UsageError, match="not differentiable"):
         get_protocol("adaptive-eot").check(opaque)

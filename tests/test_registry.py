@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import UsageError
-from harness.registry import Defense, DefenseEntry, Kind, Registry, default_registry
+from harness.core.errors import UsageError
+from harness.core.entry import Defense, DefenseEntry, Kind, defense_registry, registry_of
 
 HERE = Path(__file__).parent
 
@@ -22,21 +22,20 @@ def _entry(name="x", **kw):
 
 
 def test_first_party_entries_are_discovered_through_entry_points():
-    names = default_registry(reload=True).names()
+    names = defense_registry(reload=True).names()
     assert {"none", "maep"} <= set(names)
 
 
 def test_unknown_defense_lists_valid_names():
     with pytest.raises(UsageError) as info:
-        default_registry().get("diffpurr")
+        defense_registry().get("diffpurr")
     assert "none" in str(info.value) and "maep" in str(info.value)
 
 
 def test_duplicates_rejected_and_names_checked():
-    registry = Registry()
-    registry.register(_entry("a"))
+    registry = registry_of(_entry("a"))
     with pytest.raises(ValueError, match="twice"):
-        registry.register(_entry("a"))
+        registry.add("a", _entry("a"))
     with pytest.raises(ValueError, match="alphanumeric"):
         _entry("bad name!")
     with pytest.raises(ValueError, match="no presets"):
@@ -68,8 +67,8 @@ def _harness(args, site, env_extra):
 
 
 def test_plugin_is_listed_and_runs(plugin_site, tiny_cifar, harness_home, tmp_path):
-    from harness.classifiers import save_classifier
-    from harness.models.classifiers import build_classifier
+    from harness.classifiers.sources import save_classifier
+    from harness.classifiers.architectures import build_classifier
 
     env = {"HARNESS_HOME": str(harness_home)}
     listed = _harness(["list"], plugin_site, env)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from harness.report import ExtraSection, write_reports
 from harness.report.frame import aggregate_seeds, cells_frame, done_cells, match_reported
 from harness.report.tables import build_tables, latex_escape, safe_stem, to_markdown
-from harness.store import Cell, Run, open_db
+from harness.results import Cell, Run, open_db
 
 EVIL = "<script>alert(1)</script>"
 WHEN = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.timezone.utc)

@@ -7,11 +7,11 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from harness.classifiers import save_classifier
-from harness.errors import UsageError
-from harness.models.classifiers import build_classifier
-from harness.runner import RunRequest, run_grid
-from harness.store import Cell, Run, SampleResult, open_db
+from harness.classifiers.sources import save_classifier
+from harness.core.errors import UsageError
+from harness.classifiers.architectures import build_classifier
+from harness.evaluation.runner import RunRequest, run_grid
+from harness.results import Cell, Run, SampleResult, open_db
 
 
 @pytest.fixture()
@@ -37,8 +37,10 @@ def test_grid_stores_cells_and_samples_then_skips(tiny_cifar, tmp_path, classifi
     engine = open_db(str(tmp_path / "r.db"))
     request = _request(classifier_file, eps=("4/255", "8/255"), seeds=(0, 1))
     first = run_grid(request, engine)
-    assert len(first) == 2 * 2 * 2 and {o.status for o in first} == {"done"}
-    assert _counts(engine) == (8, 8 * 12)
+    # `none` has no purifier: non-adaptive and adaptive attack the same function, so one cell answers both
+    assert len(first) == 2 * 2 and {o.status for o in first} == {"done"}
+    assert {o.requested for o in first} == {("non-adaptive", "adaptive")} and {o.protocol for o in first} == {"adaptive"}
+    assert _counts(engine) == (4, 4 * 12)
     with Session(engine) as s:
         for cell in s.scalars(select(Cell)):
             assert cell.status == "done" and cell.n_done == 12
@@ -51,7 +53,7 @@ def test_grid_stores_cells_and_samples_then_skips(tiny_cifar, tmp_path, classifi
     assert {o.status for o in second} == {"skipped"}
     assert [(o.clean_acc, o.robust_acc) for o in first] == [(o.clean_acc, o.robust_acc) for o in second]
     forced = run_grid(_request(classifier_file, eps=("8/255",), seeds=(0,), force=True), engine)
-    assert {o.status for o in forced} == {"done"} and _counts(engine) == (8, 96)
+    assert {o.status for o in forced} == {"done"} and _counts(engine) == (4, 48)
 
 
 def test_same_seed_same_per_sample_results(tiny_cifar, tmp_path, classifier_file):
@@ -66,23 +68,23 @@ def test_same_seed_same_per_sample_results(tiny_cifar, tmp_path, classifier_file
 
 
 def test_interrupted_cell_resumes(tiny_cifar, tmp_path, classifier_file, monkeypatch):
-    import harness.runner as runner
+    import harness.evaluation.runner as runner
 
     engine = open_db(str(tmp_path / "r.db"))
     request = _request(classifier_file, protocols=("adaptive",))
-    real_finalise = runner._finalise
+    real_finalise = runner.finish_cell
 
     def crash(session, cell):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "_finalise", crash)
+    monkeypatch.setattr(runner, "finish_cell", crash)
     with pytest.raises(KeyboardInterrupt):
         run_grid(request, engine)
     assert _counts(engine) == (1, 12)
     with Session(engine) as s:
         assert s.scalar(select(Cell.status)) == "running"
         assert s.scalar(select(Run.status).order_by(Run.id.desc())) == "interrupted"
-    monkeypatch.setattr(runner, "_finalise", real_finalise)
+    monkeypatch.setattr(runner, "finish_cell", real_finalise)
 
     def recompute(*args, **kwargs):
         raise AssertionError("a stored batch was recomputed")
@@ -94,7 +96,7 @@ def test_interrupted_cell_resumes(tiny_cifar, tmp_path, classifier_file, monkeyp
 
 @pytest.mark.parametrize("field,value,valid", [
     ("defenses", ("nope",), "none"),
-    ("protocols", ("sideways",), "non-adaptive, adaptive"),
+    ("protocols", ("sideways",), "adaptive, adaptive-eot, bpda, non-adaptive"),
     ("eps", ("lots",), "8/255"),
     ("dataset", "svhn", "cifar10, cifar100"),
     ("attacks", ({"name": "pgd", "stepz": 1},), "bad options"),
@@ -118,15 +120,15 @@ def test_missing_classifier_with_no_train_refuses(tiny_cifar, tmp_path):
 def test_variants_and_purifier_quality_are_stored(tiny_cifar, tmp_path, classifier_file):
     import torch.nn.functional as F
 
-    from harness.registry import Defense, DefenseEntry, Kind, Purifier, Registry
+    from harness.core.entry import Defense, DefenseEntry, Kind, Purifier, registry_of
 
     class Blur(Purifier):
         def forward(self, x, noise):
             return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
-    registry = Registry()
-    registry.register(DefenseEntry(name="blur", version="1", kind=Kind.PURIFIER, paper="p", citation="c",
-                                   build=lambda ctx: Defense(ctx.classifier, Blur())))
+    registry = registry_of(
+        DefenseEntry(name="blur", version="1", kind=Kind.PURIFIER, paper="p", citation="c",
+                     build=lambda ctx: Defense(ctx.classifier, Blur())))
     engine = open_db(str(tmp_path / "r.db"))
     outcomes = run_grid(_request(classifier_file, defenses=("blur",), protocols=("adaptive",),
                                  variants=("clean", "colored", "corrupt:contrast:3")), engine, registry)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from harness.attacks.factory import build_attack, parse_attack_spec
-from harness.errors import UsageError
-from harness.threat import Epsilon, ThreatModel
+from harness.attacks.catalog import build_attack, parse_attack_spec
+from harness.core.errors import UsageError
+from harness.core.threat import Epsilon, ThreatModel
 
 
 def test_epsilon_as_fraction_or_float():
@@ -30,7 +30,7 @@ def test_attack_specs():
     attack = build_attack(spec, ThreatModel("linf", Epsilon.parse("8/255")))
     assert attack.label() == "PGD-50xEOT4"
     assert parse_attack_spec("autoattack:version=rand")["version"] == "rand"
-    with pytest.raises(UsageError, match="pgd, autoattack, apgd-ce"):
+    with pytest.raises(UsageError, match="apgd-ce, autoattack, pgd"):
         parse_attack_spec("fgsm")
     with pytest.raises(UsageError, match="bad options"):
         build_attack({"name": "pgd", "stepz": 3}, ThreatModel("linf", Epsilon.parse("8/255")))

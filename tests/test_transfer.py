@@ -11,16 +11,16 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from harness.classifiers import save_classifier
-from harness.errors import UsageError
-from harness.models.classifiers import build_classifier
-from harness.noise import FixedNoise
-from harness.registry import Defense, DefenseEntry, Identity, Kind, Purifier, Registry
+from harness.classifiers.sources import save_classifier
+from harness.core.errors import UsageError
+from harness.classifiers.architectures import build_classifier
+from harness.core.noise import FixedNoise
+from harness.core.entry import Defense, DefenseEntry, Identity, Kind, Purifier, registry_of
 from harness.report.quality import transfer_table
 from harness.report.frame import cells_frame
-from harness.runner import RunRequest, run_grid
-from harness.store import Cell, open_db
-from harness.transfer import ShapeAdapter, match_channels, resize
+from harness.evaluation.runner import RunRequest, run_grid
+from harness.results import Cell, open_db
+from harness.toolkit.transfer import ShapeAdapter, match_channels, resize
 
 
 def _noise():
@@ -116,8 +116,8 @@ def test_purifier_trained_on_another_dataset_is_a_cell_of_its_own(tiny_cifar, tm
     grey = save_classifier(build_classifier("convnet-tiny", 10, (1, 28, 28)), "convnet-tiny", 10,
                            tmp_path / "grey.safetensors")
     trained_on: list[str] = []
-    registry = Registry()
-    registry.register(_mean_blend_entry(trained_on))
+    registry = registry_of(
+        _mean_blend_entry(trained_on))
     engine = open_db(str(tmp_path / "r.db"))
     request = RunRequest(defenses=("meanblend",), dataset="mnist", classifier=str(grey),
                          train_classifier=str(clf10), train_datasets=(None, "cifar10"), protocols=("adaptive",),
@@ -151,10 +151,10 @@ def test_purifier_trained_on_another_dataset_is_a_cell_of_its_own(tiny_cifar, tm
 
 
 def test_transfer_of_a_classifier_entry_or_unknown_dataset_is_refused(tiny_cifar, tmp_path):
-    registry = Registry()
-    registry.register(DefenseEntry(name="robust", version="1", kind=Kind.CLASSIFIER, paper="p",
-                                   citation="c", build=lambda ctx: Defense(ctx.classifier)))
-    registry.register(_mean_blend_entry([]))
+    registry = registry_of(
+        DefenseEntry(name="robust", version="1", kind=Kind.CLASSIFIER, paper="p",
+                     citation="c", build=lambda ctx: Defense(ctx.classifier)),
+        _mean_blend_entry([]))
     engine = open_db(str(tmp_path / "r.db"))
     base = dict(classifier="trained:tiny", n=4, progress=False, allow_train=False)
     with pytest.raises(UsageError, match="not a purifier"):

@@ -7,10 +7,10 @@ import torch
 from kornia.color import rgb_to_lab
 
 from harness.data import DatasetInfo, Split
-from harness.data.store import fingerprint
+from harness.data.disk import fingerprint
 from harness.data.variants import (CORRUPTIONS, _color_targets, apply_variant, corrupt, parse_variant,
                                    reinhard_transfer, variant_names)
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 
 def _split(n: int = 12, channels: int = 3, seed: int = 0) -> Split:
@@ -99,7 +99,7 @@ def test_grey_images_stay_one_channel():
 
 def test_bad_names_list_valid_ones():
     assert "clean" in variant_names() and "corrupt:saturate:5" in variant_names()
-    assert parse_variant("corrupt:contrast:3") == ("corrupt", "contrast", 3)
+    assert parse_variant("corrupt:contrast:3") == ("corrupt", ("contrast", 3))
     for bad in ("colour", "corrupt:fog:1", "corrupt:contrast:6", "corrupt:contrast", "corrupt:contrast:x"):
         with pytest.raises(UsageError, match="valid: clean, colored"):
             apply_variant(_split(), bad)

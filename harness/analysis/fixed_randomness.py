@@ -9,7 +9,7 @@ Robustness?" (arXiv 2505.22839), for any purifier ``purify(x, noise_draws)``.
   ||d||_p`` with the purifier's noise fixed (same per-sample draws for both calls), for random ``d``
   of several radii and, optionally, adversarial ``d``.
 
-Every random draw (perturbation directions included) comes from :class:`harness.noise.FixedNoise`,
+Every random draw (perturbation directions included) comes from :class:`harness.core.noise.FixedNoise`,
 so results are reproducible and independent of batch composition.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from harness.noise import FixedNoise, NoiseDraws
+from harness.core.noise import FixedNoise, NoiseDraws
 
 __all__ = ["NORMS", "DistanceStats", "SpreadStats", "CompressionStats", "distances_to_clean",
            "randomness_spread", "compression_rates", "random_perturbation", "analyse"]

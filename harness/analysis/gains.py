@@ -4,7 +4,7 @@
 ``gain = robust accuracy of the defense - robust accuracy of the undefended classifier`` (defense
 ``none``) on the same dataset, classifier, threat model and eps. Per protocol the strongest attack
 counts (lowest seed-averaged robust accuracy). Analysis records (:func:`harness.analysis.fixed_randomness.analyse`)
-are rows of the results DB (:class:`harness.store.Analysis`, kind ``fixed-randomness``), one per
+are rows of the results DB (:class:`harness.results.schema.Analysis`, kind ``fixed-randomness``), one per
 setting (defense, version, preset, options, dataset, classifier, data fingerprint).
 """
 
@@ -23,13 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markupsafe import Markup  # noqa: E402
-from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from harness.report.frame import safe_stem  # noqa: E402
-from harness.store import Cell, SampleResult, load_analyses, save_analysis  # noqa: E402
-from harness.threat import Epsilon  # noqa: E402
+from harness.results.queries import eot_sample_extras, load_analyses, save_analysis  # noqa: E402
+from harness.core.threat import Epsilon  # noqa: E402
 
 __all__ = ["PROTOCOL_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record",
            "load_records", "scatter_points", "compression_scatter", "report_sections"]
@@ -44,10 +43,7 @@ _SETTING = _GROUP + ["defense", "preset", "defense_options"]
 def worst_of_n_accuracy(engine: Engine) -> dict[str, float]:
     """Cell key -> worst-of-N robust accuracy of ``adaptive-eot`` cells whose samples carry the
     protocol's ``extra`` (a sample counts if clean-correct and correct on all N fresh re-draws)."""
-    with Session(engine) as session:
-        rows = session.execute(select(Cell.key, SampleResult.label, SampleResult.clean_pred, SampleResult.extra)
-                               .join(SampleResult, SampleResult.cell_id == Cell.id)
-                               .where(Cell.protocol == "adaptive-eot")).all()
+    rows = eot_sample_extras(engine, "adaptive-eot")
     tally: dict[str, list[int]] = {}
     for key, label, clean, extra in rows:
         if not extra or "worst_of" not in extra:
@@ -94,7 +90,7 @@ def save_record(engine: Engine, meta: Mapping[str, Any], record: Mapping[str, An
                 run_id: int | None = None) -> str:
     """Store an analysis ``record`` in the results DB for the setting ``meta`` (which must hold
     ``defense``, ``preset``, ``options`` (the ``--option`` dict) and ``dataset``); the same ``meta``
-    again replaces it; ``run_id`` names the :class:`harness.store.Run` holding its provenance. Returns
+    again replaces it; ``run_id`` names the :class:`harness.results.schema.Run` holding its provenance. Returns
     the record's key."""
     with Session(engine) as session:
         return save_analysis(session, ANALYSIS_KIND, meta, record, run_id).key

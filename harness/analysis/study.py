@@ -4,7 +4,7 @@
 classifier, the same test images as a cell of ``n`` images), attacks them with the fixed-randomness adaptive protocol (for the
 adversarial distances and compression), runs :func:`harness.analysis.fixed_randomness.analyse` and
 saves the record in the results DB (:func:`harness.analysis.gains.save_record`, with a
-:class:`harness.store.Run` holding the code provenance), where ``harness report`` picks it up.
+:class:`harness.results.schema.Run` holding the code provenance), where ``harness report`` picks it up.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from sqlalchemy.orm import Session
 
 from harness.analysis.fixed_randomness import analyse
 from harness.analysis.gains import save_record
-from harness.artifacts import ArtifactCache
-from harness.attacks.factory import build_attack
-from harness.building import build_defense, resolve_preset
-from harness.classifiers import DEFAULT_CLASSIFIER, resolve_classifier
+from harness.core.artifacts import ArtifactCache
+from harness.attacks.catalog import build_attack
+from harness.evaluation.building import build_defense
+from harness.classifiers.sources import DEFAULT_CLASSIFIER, resolve_classifier
+from harness.core.errors import UsageError
 from harness.data import load_split
-from harness.protocols import get_protocol
-from harness.provenance import code_provenance
-from harness.registry import default_registry
-from harness.runner import evaluation_subset
-from harness.store import Run, new_run, open_db, utcnow
-from harness.threat import Epsilon, ThreatModel
+from harness.evaluation.protocols import get_protocol
+from harness.results.provenance import code_provenance
+from harness.core.entry import Kind, defense_registry
+from harness.evaluation.runner import evaluation_subset
+from harness.results.database import open_db
+from harness.results.queries import finish_run, new_run
+from harness.results.schema import Run
+from harness.core.threat import Epsilon, ThreatModel
 
 __all__ = ["StudyRequest", "run_study"]
 
@@ -55,7 +58,7 @@ class StudyRequest:
 
 def run_study(request: StudyRequest, engine: Engine | None = None) -> str:
     """Analyse ``request.defense`` on the ``n`` images a cell evaluates and store the record in the
-    results DB behind ``engine`` (default: :func:`harness.store.open_db`); return the record's key."""
+    results DB behind ``engine`` (default: :func:`harness.results.database.open_db`); return the record's key."""
     engine = engine if engine is not None else open_db()
     with Session(engine) as session:
         run_id = new_run(session, shlex.join(sys.argv), code_provenance()).id
@@ -71,21 +74,23 @@ def run_study(request: StudyRequest, engine: Engine | None = None) -> str:
 
 def _finish(engine: Engine, run_id: int, status: str) -> None:
     with Session(engine) as session:
-        run = session.get(Run, run_id)
-        run.status, run.finished_at = status, utcnow()
-        session.commit()
+        finish_run(session, session.get(Run, run_id), status)
 
 
 def _study(request: StudyRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     """The setting (``meta``) and the record of the analyses."""
-    entry = default_registry().get(request.defense)
+    entry = defense_registry().get(request.defense)
+    if entry.kind is not Kind.PURIFIER:
+        raise UsageError(f"defense {entry.name!r} is a {entry.kind.value}: the fixed-randomness analyses "
+                         f"study a purifier")
+    options = entry.check_options(request.options)
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root)
     classifier = resolve_classifier(request.classifier, test.info, artifacts=artifacts,
                                     data_root=request.data_root, threat=request.threat,
                                     progress=request.progress)
-    preset = resolve_preset(entry, request.preset if entry.presets else None)
-    defense = build_defense(entry, preset, classifier, test.info, artifacts, options=request.options,
+    preset = entry.resolve_preset(request.preset)
+    defense = build_defense(entry, preset, classifier, test.info, artifacts, options=options,
                             data_root=request.data_root, progress=request.progress)
     indices = evaluation_subset(len(test.labels), min(request.n, len(test.labels)))
     x, y = test.float_images(indices), test.labels[indices]
@@ -97,6 +102,6 @@ def _study(request: StudyRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     record.update(attack=attack.params(), eps=request.eps, threat=request.threat,
                   provenance=getattr(defense.purifier, "provenance", {}))
     meta = {"defense": entry.name, "version": entry.version, "preset": preset or "",
-            "options": dict(request.options), "dataset": test.info.name, "classifier": classifier.id,
+            "options": options, "dataset": test.info.name, "classifier": classifier.id,
             "fingerprint": test.fingerprint}
     return meta, record

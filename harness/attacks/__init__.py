@@ -1,4 +1,6 @@
-"""Attacks: each maps (model, images, labels) to adversarial images inside the threat model.
+"""Attacks: each maps (target, images, labels) to adversarial images inside the threat model.
 
-Build one by name with :func:`harness.attacks.factory.build_attack`.
+``base`` (the attack contract and projections), ``pgd`` (harness's PGD), ``autoattack`` (the autoattack
+library) and ``catalog`` (the registry of attacks by name, and the parsing of attack specs). Sits on
+:mod:`harness.core` only.
 """

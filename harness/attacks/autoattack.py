@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import Attack, Target
-from harness.threat import ThreatModel
+from harness.core.threat import ThreatModel
 
 VERSIONS = ("standard", "rand", "apgd-ce")
 _NORMS = {"linf": "Linf", "l2": "L2"}

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from harness.threat import ThreatModel
+from harness.core.threat import ThreatModel
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.attacks.base import Attack, Target, project
-from harness.noise import FixedNoise
-from harness.threat import ThreatModel
+from harness.core.noise import FixedNoise
+from harness.core.threat import ThreatModel
 
 
 class PGD(Attack):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from harness.data.imagenet_classes import WNIDS
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 SPLITS = ("train", "test")
 
@@ -128,7 +128,7 @@ _CATALOG = {
             label_key="fine_labels", meta_file="meta", names_key="fine_label_names"),
         mirror_names=("cifar-100-python.tar.gz", "cifar-100-python", "cifar100-jpeg.tar.gz", "cifar100"),
     ),
-    # Normalisation: the 1-channel default of harness.models.classifiers (Fashion-MNIST's statistics).
+    # Normalisation: the 1-channel default of harness.classifiers.architectures (Fashion-MNIST's statistics).
     "fashion-mnist": CatalogEntry(
         info=DatasetInfo("fashion-mnist", 10, (1, 28, 28), _FASHION_CLASSES),
         official=_idx_release("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", (

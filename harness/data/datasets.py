@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.data import store
+from harness.data import disk
 from harness.data.catalog import CatalogEntry, catalog_entry, check_split, dataset_names
 from harness.data.formats import decoding
 from harness.data.sources import file_sha256
-from harness.errors import MissingArtifactError, UsageError
-from harness.paths import data_root
+from harness.core.errors import MissingArtifactError, UsageError
+from harness.core.paths import data_root
 
 MIRROR_ENV = "HARNESS_DATA_MIRROR"
 log = logging.getLogger(__name__)
@@ -32,14 +32,14 @@ def import_dataset(name: str, path: str | os.PathLike, root: str | os.PathLike |
     path = Path(path).expanduser()
     if not path.exists():
         raise UsageError(f"{path} does not exist")
-    with store.locked(root, name):
+    with disk.locked(root, name):
         import_from(entry, path, root, progress)
     return root / name
 
 
 def import_from(entry: CatalogEntry, path: Path, root: Path, progress: bool, original: str | None = None,
                 url: str | None = None) -> dict[str, Any]:
-    """Decode and store ``path`` (call under ``store.locked``); return the stored meta."""
+    """Decode and store ``path`` (call under ``disk.locked``); return the stored meta."""
     name = entry.info.name
     original = original or path.name
     archive = path.is_file()
@@ -56,7 +56,7 @@ def import_from(entry: CatalogEntry, path: Path, root: Path, progress: bool, ori
             provenance["preprocess"] = decoded.preprocess
         if url:
             provenance["url"] = url
-        meta = store.write_dataset(root, entry.info, decoded, source, provenance)
+        meta = disk.write_dataset(root, entry.info, decoded, source, provenance)
     splits = meta["splits"]
     log.info("imported %s from %s into %s: %d train / %d test images, fingerprints train %s, test %s",
              name, original, root / name, splits["train"]["n"], splits["test"]["n"],
@@ -64,7 +64,7 @@ def import_from(entry: CatalogEntry, path: Path, root: Path, progress: bool, ori
     return meta
 
 
-def load_split(name: str, split: str, root: str | os.PathLike | None = None) -> store.Split:
+def load_split(name: str, split: str, root: str | os.PathLike | None = None) -> disk.Split:
     """Load ``split`` ("train" or "test") of dataset ``name`` from the data root.
 
     A dataset missing from the root is imported from ``$HARNESS_DATA_MIRROR`` if it has one of the
@@ -73,9 +73,9 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None) -> 
     entry = catalog_entry(name)
     check_split(split)
     root = data_root(root)
-    if store.read_meta(root, name) is None:
+    if disk.read_meta(root, name) is None:
         _import_from_mirror(entry, root)
-    return store.read_split(root, entry.info, split)
+    return disk.read_split(root, entry.info, split)
 
 
 def mirror_dirs() -> list[Path]:
@@ -91,8 +91,8 @@ def _import_from_mirror(entry: CatalogEntry, root: Path) -> None:
     candidates = [d / n for n in entry.mirror_names for d in dirs if (d / n).exists()]
     failures = []
     if candidates:
-        with store.locked(root, name):
-            if store.read_meta(root, name) is not None:  # imported meanwhile by another process
+        with disk.locked(root, name):
+            if disk.read_meta(root, name) is not None:  # imported meanwhile by another process
                 return
             for candidate in candidates:
                 log.info("dataset %s is not in %s; importing it from mirror %s", name, root, candidate)
@@ -118,7 +118,7 @@ def dataset_status(root: str | os.PathLike | None = None) -> list[dict[str, Any]
     rows = []
     for name in dataset_names():
         info = catalog_entry(name).info
-        meta = store.read_meta(root, name) or {}
+        meta = disk.read_meta(root, name) or {}
         splits = meta.get("splits", {})
         rows.append({
             "name": name, "shape": "x".join(map(str, info.image_shape)), "classes": info.num_classes,

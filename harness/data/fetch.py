@@ -19,11 +19,11 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from harness.data import store
+from harness.data import disk
 from harness.data.catalog import PickleRelease, Release, catalog_entry
 from harness.data.datasets import MIRROR_ENV, import_from
-from harness.errors import UsageError
-from harness.paths import data_root
+from harness.core.errors import UsageError
+from harness.core.paths import data_root
 
 URL_ENV = "HARNESS_DATA_URL_{}"  # formatted with the dataset name, upper-cased, "-" -> "_"
 Digests = Union[str, Mapping[str, str], None]  # one digest (single-file release) or file name -> digest
@@ -51,7 +51,7 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, url: str | N
     urls = _file_urls(release, url)
     expected = _expected(release, md5, sha256)
     root = data_root(root)
-    with store.locked(root, name):
+    with disk.locked(root, name):
         folder = Path(tempfile.mkdtemp(prefix=f".{name}.download-", dir=root))
         try:
             for file, file_url in urls.items():

@@ -14,6 +14,7 @@ import pickle
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -22,7 +23,8 @@ import numpy as np
 from harness.data.catalog import CatalogEntry, DatasetInfo, IdxRelease, PickleRelease, Release
 from harness.data.imagefolder import decode_imagefolder, is_image
 from harness.data.sources import open_files
-from harness.errors import UsageError
+from harness.core.errors import UsageError
+from harness.core.registry import Registry
 
 IMAGEFOLDER = "ImageFolder"
 
@@ -65,8 +67,7 @@ def decoding(entry: CatalogEntry, path: Path, progress: bool = True) -> Iterator
     with open_files(path, lambda p: p.name in names or is_image(p)) as files:
         found = _release_files(release, files) if release is not None else None
         if found is not None:
-            decode = _decode_pickles if isinstance(release, PickleRelease) else _decode_idx
-            yield decode(entry.info, release, found, files)
+            yield format_registry().get(release.kind).decode(entry.info, release, found, files)
             return
         folder = decode_imagefolder(entry.info, files, entry.resize, progress)
         if folder is None:
@@ -216,3 +217,32 @@ def _decode_idx(info: DatasetInfo, release: IdxRelease, found: dict[str, PurePos
                              f"in {found[images_file]}")
         splits[split] = DecodedSplit.of(images.reshape(-1, c, h, w), labels.astype(np.int64))
     return Decoded(splits, info.classes, release.kind, files_sha256=digests)
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """An official release format: ``decode(info, release, found, files)`` turns the release files (name
+    -> path in ``files``) into :class:`Decoded` splits."""
+
+    name: str
+    summary: str
+    decode: Callable[[DatasetInfo, Any, dict[str, PurePosixPath], Mapping[PurePosixPath, bytes]], Decoded]
+
+
+FORMAT_GROUP = "harness.formats"
+_registry: Registry[DatasetFormat] | None = None
+
+
+def format_registry() -> Registry[DatasetFormat]:
+    """Every release format, by the ``kind`` of the catalog's releases (plugins: ``harness.formats``).
+    ImageFolder layouts are the fallback for any dataset and are not a release format."""
+    global _registry
+    if _registry is None:
+        registry: Registry[DatasetFormat] = Registry("dataset format", group=FORMAT_GROUP, expects=DatasetFormat,
+                                                     describe=lambda f: (f.summary, ""), name_of=lambda f: f.name)
+        registry.add(PickleRelease.kind, DatasetFormat(PickleRelease.kind, "CIFAR's python-pickle batches "
+                                                       "(unpickled without running code)", _decode_pickles))
+        registry.add(IdxRelease.kind, DatasetFormat(IdxRelease.kind, "LeCun's IDX files, gzipped or not "
+                                                    "(MNIST, Fashion-MNIST)", _decode_idx))
+        _registry = registry
+    return _registry

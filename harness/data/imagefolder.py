@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from harness.data.catalog import SPLITS, DatasetInfo, ResizeCrop
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # split -> folder names that hold it

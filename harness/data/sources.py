@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
-from harness.errors import UsageError
+from harness.core.errors import UsageError
 
 Wanted = Callable[[PurePosixPath], bool]
 

@@ -16,24 +16,29 @@
 
 One-channel images are treated as grey RGB and averaged back to one channel. Results are stored as
 uint8 (rounded); the variant gets its own content fingerprint and a ``source`` naming the variant.
+
+Variant kinds are registered in :func:`variant_registry` (entry-point group ``harness.variants``): a
+:class:`VariantKind` parses the arguments after its name (``corrupt:contrast:3`` -> ``("contrast", "3")``)
+and maps float images in [0, 1] to float images in [0, 1].
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from kornia.color import hsv_to_rgb, lab_to_rgb, rgb_to_hsv, rgb_to_lab
 
-from harness.data.store import Split, fingerprint
-from harness.errors import UsageError
+from harness.core.errors import UsageError
+from harness.core.registry import Registry
+from harness.data.disk import Split, fingerprint
 
 #: Joins a split's data source and the variant applied to it (``"<source>; variant colored (...)"``).
 VARIANT_SEPARATOR = "; variant "
 
-__all__ = ["VARIANT_SEPARATOR", "CORRUPTIONS", "SEVERITIES", "variant_names", "parse_variant", "apply_variant",
-           "reinhard_transfer", "corrupt"]
+__all__ = ["VARIANT_SEPARATOR", "CORRUPTIONS", "SEVERITIES", "VariantKind", "variant_registry", "variant_names",
+           "parse_variant", "apply_variant", "reinhard_transfer", "corrupt"]
 
 SEVERITIES = (0, 1, 2, 3, 4, 5)
 _CHUNK = 512
@@ -55,19 +60,21 @@ def variant_names() -> list[str]:
 
 
 def _bad(name: str) -> UsageError:
-    return UsageError(f"unknown dataset variant {name!r}; valid: clean, colored, corrupt:<name>:<severity> "
+    kinds = variant_registry().items()
+    return UsageError(f"unknown dataset variant {name!r}; valid: {', '.join(k.value.syntax for k in kinds)} "
                       f"with name in {', '.join(CORRUPTIONS)} and severity 0-5 (e.g. corrupt:contrast:3)")
 
 
-def parse_variant(name: str) -> tuple[str, str | None, int]:
-    """``(kind, corruption, severity)`` of a variant name; UsageError naming the valid ones otherwise."""
-    if name in ("clean", "colored"):
-        return name, None, 0
-    parts = name.split(":")
-    if len(parts) != 3 or parts[0] != "corrupt" or parts[1] not in _PARAMS or not parts[2].isdigit() \
-            or int(parts[2]) not in SEVERITIES:
+def parse_variant(name: str) -> tuple[str, tuple[Any, ...]]:
+    """``(kind, arguments)`` of a variant name (``("corrupt", ("contrast", 3))``); a UsageError naming
+    the valid ones otherwise."""
+    kind, *args = name.split(":")
+    if kind not in variant_registry().names():
         raise _bad(name)
-    return "corrupt", parts[1], int(parts[2])
+    parsed = variant_registry().get(kind).parse(tuple(args))
+    if parsed is None:
+        raise _bad(name)
+    return kind, parsed
 
 
 def _as_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -132,22 +139,84 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_variant(split: Split, variant: str, seed: int = 0) -> Split:
-    """``split`` transformed by ``variant`` (see the module docstring); ``clean`` and severity 0 return
-    ``split`` itself. ``seed`` fixes the colour-transfer targets."""
-    kind, name, severity = parse_variant(variant)
-    if kind == "clean" or (kind == "corrupt" and severity == 0):
+    """``split`` transformed by ``variant`` (see the module docstring); an identity variant (``clean``,
+    severity 0) returns ``split`` itself. ``seed`` fixes the colour-transfer targets."""
+    kind, args = parse_variant(variant)
+    spec = variant_registry().get(kind)
+    if spec.identity(args):
         return split
-    n = len(split.labels)
-    targets = _color_targets(n, seed) if kind == "colored" else None
-    chunks = []
+    transform = spec.transform(split, args, seed)
+    n, chunks = len(split.labels), []
     with torch.no_grad():
         for start in range(0, n, _CHUNK):
             index = torch.arange(start, min(start + _CHUNK, n))
-            x = split.float_images(index)
-            out = reinhard_transfer(x, split.float_images(targets[index])) if targets is not None \
-                else corrupt(x, name, severity)
-            chunks.append(_to_uint8(out))
+            chunks.append(_to_uint8(transform(split.float_images(index), index)))
     images = torch.cat(chunks).contiguous()
-    detail = f"seed {seed}" if kind == "colored" else "Hendrycks & Dietterich parameters"
     return replace(split, images=images, fingerprint=fingerprint(images.numpy(), split.labels.numpy()),
-                   source=f"{split.source}{VARIANT_SEPARATOR}{variant} ({detail})")
+                   source=f"{split.source}{VARIANT_SEPARATOR}{variant} ({spec.detail(args, seed)})")
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, their indices) -> images
+
+
+@dataclass(frozen=True)
+class VariantKind:
+    """A kind of dataset variant: ``parse`` checks the arguments after its name (``None``: invalid),
+    ``transform(split, args, seed)`` gives the image map, ``detail`` the note stored in the source."""
+
+    name: str
+    syntax: str
+    summary: str
+    paper: str
+    parse: Callable[[tuple[str, ...]], tuple[Any, ...] | None]
+    transform: Callable[[Split, tuple[Any, ...], int], Transform]
+    identity: Callable[[tuple[Any, ...]], bool] = lambda args: False
+    detail: Callable[[tuple[Any, ...], int], str] = lambda args, seed: ""
+
+
+def _no_args(args: tuple[str, ...]) -> tuple[Any, ...] | None:
+    return () if not args else None
+
+
+def _corruption_args(args: tuple[str, ...]) -> tuple[Any, ...] | None:
+    if len(args) != 2 or args[0] not in _PARAMS or not args[1].isdigit() or int(args[1]) not in SEVERITIES:
+        return None
+    return args[0], int(args[1])
+
+
+def _colored(split: Split, args: tuple[Any, ...], seed: int) -> Transform:
+    targets = _color_targets(len(split.labels), seed)
+    return lambda x, index: reinhard_transfer(x, split.float_images(targets[index]))
+
+
+def _corrupted(split: Split, args: tuple[Any, ...], seed: int) -> Transform:
+    name, severity = args
+    return lambda x, index: corrupt(x, name, severity)
+
+
+VARIANT_GROUP = "harness.variants"
+_registry: Registry[VariantKind] | None = None
+
+
+def variant_registry() -> Registry[VariantKind]:
+    """Every kind of dataset variant: harness's own, then plugins of the ``harness.variants`` group."""
+    global _registry
+    if _registry is None:
+        registry: Registry[VariantKind] = Registry("variant", group=VARIANT_GROUP, expects=VariantKind,
+                                                   describe=lambda v: (v.summary, v.paper),
+                                                   name_of=lambda v: v.name)
+        for kind in (
+            VariantKind("clean", "clean", "the test split itself", "", _no_args, lambda s, a, seed: None,
+                        identity=lambda args: True),
+            VariantKind("colored", "colored", "Reinhard colour transfer to another image of the split",
+                        "Reinhard et al., IEEE CG&A 2001; Chen & Lu, arXiv 2501.16904", _no_args, _colored,
+                        detail=lambda args, seed: f"seed {seed}"),
+            VariantKind("corrupt", "corrupt:<name>:<severity>",
+                        f"colour corruption ({', '.join(CORRUPTIONS)}) at severity 0-5",
+                        "Hendrycks & Dietterich, ICLR 2019", _corruption_args, _corrupted,
+                        identity=lambda args: args[1] == 0,
+                        detail=lambda args, seed: "Hendrycks & Dietterich parameters"),
+        ):
+            registry.add(kind.name, kind)
+        _registry = registry
+    return _registry

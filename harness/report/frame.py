@@ -15,11 +15,10 @@ from fractions import Fraction
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
-from harness.store import Cell, Run
+from harness.results.queries import cells_with_runs
+from harness.results.schema import Cell, Run
 
 __all__ = ["CELL_COLUMNS", "SEED_GROUP_KEYS", "NON_KEY_CONFIG", "PROTOCOLS", "protocol_info",
            "data_label", "safe_stem", "cells_frame", "done_cells", "aggregate_seeds", "match_reported", "canonical_json"]
@@ -49,7 +48,7 @@ SEED_GROUP_KEYS: tuple[str, ...] = (
     "defense_options", "protocol", "n", "setting")
 
 #: Config keys that describe a cell rather than define it (left out of ``setting``).
-NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "classifier_provenance", "data_source",
+NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "protocol_note", "classifier_provenance", "data_source",
                   "defense_provenance")
 
 
@@ -143,10 +142,7 @@ def cells_frame(engine: Engine) -> pd.DataFrame:
     Columns are :data:`CELL_COLUMNS` plus ``metric_<name>`` for each numeric metric. ``metrics`` and
     ``config`` hold the stored dicts; ``entry_*`` are read from ``config["entry"]``.
     """
-    with Session(engine) as session:
-        rows = session.execute(select(Cell, Run).outerjoin(Run, Cell.run_id == Run.id)
-                               .order_by(Cell.id)).all()
-        records = [_cell_record(cell, run) for cell, run in rows]
+    records = [_cell_record(cell, run) for cell, run in cells_with_runs(engine)]
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(CELL_COLUMNS))
     metric_cols = sorted(c for c in frame.columns if c.startswith("metric_"))
     frame = frame[list(CELL_COLUMNS) + metric_cols]

@@ -25,7 +25,7 @@ from harness.report.html import ExtraSection  # noqa: E402
 __all__ = ["QUALITY_METRICS", "quality_table", "color_shift_table", "corruption_frame", "transfer_table",
            "plot_color_shift", "plot_corruptions", "quality_sections"]
 
-#: Cell metrics of Table 1, in column order (written by :func:`harness.metrics.merge_quality`).
+#: Cell metrics of Table 1, in column order (written by :func:`harness.evaluation.metrics.merge_quality`).
 QUALITY_METRICS = ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv")
 #: A transferred purifier (trained on another dataset) is a setting of its own in every table.
 _SETTING = ["defense", "preset", "classifier", "train_dataset", "dataset", "protocol", "attack_label", "eps_text"]

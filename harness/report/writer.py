@@ -78,24 +78,25 @@ def _randomness_sections(engine: Engine, cells, out_dir: Path) -> list[ExtraSect
     return report_sections(table, load_records(engine), out_dir)
 
 
-def installed_reported() -> dict[tuple[str, str], list[dict]]:
-    """Reported numbers of the installed entries, by (name, version) (for ``current_reported``)."""
-    from harness.registry import default_registry
+def installed_entries() -> dict[tuple[str, str], dict[str, Any]]:
+    """The metadata (:meth:`DefenseEntry.describe`) of the installed entries, by (name, version), for
+    ``write_reports(installed=...)``: their reported numbers and roles override what old cells stored."""
+    from harness.core.entry import defense_registry
 
-    return {(e.name, e.version): [r.__dict__ for r in e.reported] for e in default_registry().entries()}
+    return {(i.value.name, i.value.version): i.value.describe() for i in defense_registry().items()}
 
 
 def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = FORMATS, *,
                   extra_sections: Sequence[ExtraSection] = (),
-                  current_reported: Mapping[tuple[str, str], Any] | None = None,
-                  generated_at: dt.datetime | None = None) -> list[Path]:
+                  installed: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                  templates: Path | None = None, generated_at: dt.datetime | None = None) -> list[Path]:
     """Write the requested report ``formats`` (a subset of :data:`FORMATS`) for the store behind
     ``engine`` into ``out_dir``; returns the paths written, in a stable order.
 
     Only finished cells are ranked; seeds of the same setting are aggregated (mean ± sample std).
     ``formats`` may also be a comma-separated string. ``extra_sections`` are appended to the HTML
-    page. ``current_reported`` (see :func:`installed_reported`) overrides the reported numbers stored
-    with the cells. An empty store gives a page saying so. Stale ``tables/*.md|.tex`` from an earlier report
+    page. ``installed`` (see :func:`installed_entries`) overrides the reported numbers stored with the
+    cells; ``templates`` is a folder of templates that override the shipped ones. An empty store gives a page saying so. Stale ``tables/*.md|.tex`` from an earlier report
     are removed; ``generated_at`` (default: now) is shown as UTC.
     """
     if isinstance(formats, str):  # "md,html" from a command line
@@ -109,6 +110,7 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     stamp = generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     cells = cells_frame(engine)
     done = done_cells(cells)
+    current_reported = {k: v.get("reported", []) for k, v in (installed or {}).items()}
     tables = build_tables(aggregate_seeds(done, current_reported))
     log.info("%d cells (%d finished) -> %d tables", len(cells), len(done), len(tables))
     written: list[Path] = []

@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from harness.registry import Defense, DefenseEntry, Kind, Purifier, Reported
+from harness.api import Defense, DefenseEntry, Kind, Purifier, Reported
 
 
 class Blur(Purifier):
@@ -18,5 +18,5 @@ ENTRY = DefenseEntry(
     citation="Demo & Plugin 2026",
     build=lambda ctx: Defense(ctx.classifier, Blur()),
     datasets=("cifar10",),
-    reported=(Reported("cifar10", "linf", "8/255", "PGD-20", 50.0, 10.0, "made up for a test"),),
+    reported=(Reported("cifar10", "linf", "8/255", "PGD-20", 50.0, 10.0, "made up for a test", tier="adaptive"),),
 )

@@ -1,0 +1,190 @@
+"""Base classifiers from a source string.
+
+* ``trained:<preset>`` (default ``trained:small``): trained here by harness's own recipe
+  (:mod:`harness.classifiers.training`), cached under the hash of that recipe, trained on demand.
+* a file path: ``.safetensors`` with ``arch`` and ``num_classes`` in its metadata, or ``.pt``/``.pth``
+  holding ``{"arch", "num_classes", "state_dict"}`` (loaded with ``weights_only=True``).
+* ``robustbench:<model name>``: the RobustBench model zoo (optional extra ``harness[robustbench]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file, safe_open
+from torch import nn
+
+from harness.core.artifacts import ArtifactCache
+from harness.data import DatasetInfo, load_split
+from harness.core.errors import UsageError
+from harness.core.registry import Registry
+from harness.classifiers.architectures import build_classifier
+from harness.classifiers.training import CLASSIFIER_PRESETS, train_classifier
+
+log = logging.getLogger(__name__)
+DEFAULT_CLASSIFIER = "trained:small"
+ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
+
+
+@dataclass
+class LoadedClassifier:
+    """A frozen classifier in eval mode, the id that names it in cells, and its provenance."""
+
+    model: nn.Module
+    id: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_classifier(model: nn.Module, arch: str, num_classes: int, path: str | os.PathLike) -> Path:
+    """Write ``model`` as a safetensors file that the file-path source can load."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"arch": arch, "num_classes": str(num_classes)})
+    return path
+
+
+def classifier_recipe(preset: str, dataset: DatasetInfo, train_fingerprint: str, seed: int) -> dict[str, Any]:
+    if preset not in CLASSIFIER_PRESETS:
+        raise UsageError(f"unknown classifier preset {preset!r}; valid: {', '.join(CLASSIFIER_PRESETS)}")
+    return {"what": "classifier", "preset": preset, "config": CLASSIFIER_PRESETS[preset],
+            "dataset": dataset.name, "train_fingerprint": train_fingerprint, "seed": seed}
+
+
+def _trained(preset: str, dataset: DatasetInfo, data_root: str | None, artifacts: ArtifactCache,
+             progress: bool, seed: int) -> LoadedClassifier:
+    train = load_split(dataset.name, "train", data_root)
+    recipe = classifier_recipe(preset, dataset, train.fingerprint, seed)
+    config = recipe["config"]
+
+    def produce() -> dict[str, torch.Tensor]:
+        test = load_split(dataset.name, "test", data_root)
+        model, metrics = train_classifier(train.images, train.labels, dataset.num_classes, config,
+                                          seed=seed, progress=progress, eval_images=test.images,
+                                          eval_labels=test.labels, dataset=dataset)
+        log.info("trained classifier %s: %s", preset, metrics)
+        return model.state_dict()
+
+    artifact = artifacts.get_or_train("classifier", recipe, produce,
+                                      what=f"the {preset!r} {dataset.name} classifier")
+    model = build_classifier(config["arch"], dataset.num_classes, dataset.image_shape)
+    model.load_state_dict(artifact.load())
+    return LoadedClassifier(freeze(model), f"trained:{preset}@{artifact.key}",
+                            {"source": "trained", "recipe": recipe, "artifact": str(artifact.path)})
+
+
+def _from_file(path: Path, dataset: DatasetInfo) -> LoadedClassifier:
+    if not path.is_file():
+        raise UsageError(f"classifier file {path} does not exist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        state = load_file(str(path))
+    elif path.suffix in (".pt", ".pth"):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "state_dict" not in payload:
+            raise UsageError(f"{path} must hold a dict with keys arch, num_classes, state_dict")
+        meta, state = payload, payload["state_dict"]
+    else:
+        raise UsageError(f"unsupported classifier file {path.name}; valid: .safetensors, .pt, .pth")
+    if "arch" not in meta:
+        raise UsageError(f"{path} does not say its architecture (metadata key 'arch')")
+    num_classes = int(meta.get("num_classes", dataset.num_classes))
+    if num_classes != dataset.num_classes:
+        raise UsageError(f"{path} has {num_classes} classes but {dataset.name} has {dataset.num_classes}")
+    model = build_classifier(str(meta["arch"]), num_classes, dataset.image_shape)
+    model.load_state_dict(state)
+    return LoadedClassifier(freeze(model), f"file:{path.name}@{digest}",
+                            {"source": "file", "path": str(path), "sha256_16": digest, "arch": meta["arch"]})
+
+
+def import_robustbench():
+    """Import robustbench, aliasing the ``autoattack`` module it expects to ``pyautoattack``."""
+    try:
+        sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
+        from robustbench.utils import load_model
+    except ImportError as exc:
+        raise UsageError("robustbench is not installed (or cannot import beside this torch): "
+                         "pip install 'harness[robustbench]' (it needs torchvision and setuptools<81); "
+                         f"import error: {exc}") from None
+    return load_model
+
+
+def _from_robustbench(name: str, dataset: DatasetInfo, threat: str, model_dir: Path) -> LoadedClassifier:
+    load_model = import_robustbench()
+    if threat not in ROBUSTBENCH_THREATS:
+        raise UsageError(f"robustbench has no threat model {threat!r}; valid: {', '.join(ROBUSTBENCH_THREATS)}")
+    model = load_model(model_name=name, model_dir=str(model_dir), dataset=dataset.name,
+                       threat_model=ROBUSTBENCH_THREATS[threat])
+    return LoadedClassifier(freeze(model), f"robustbench:{name}",
+                            {"source": "robustbench", "name": name, "model_dir": str(model_dir)})
+
+
+def _trained_source(rest: str, dataset: DatasetInfo, *, artifacts: ArtifactCache, data_root: str | None,
+                    threat: str, progress: bool, seed: int) -> LoadedClassifier:
+    return _trained(rest, dataset, data_root, artifacts, progress, seed)
+
+
+def _robustbench_source(rest: str, dataset: DatasetInfo, *, artifacts: ArtifactCache, data_root: str | None,
+                        threat: str, progress: bool, seed: int) -> LoadedClassifier:
+    return _from_robustbench(rest, dataset, threat, artifacts.root / "robustbench")
+
+
+def _file_source(rest: str, dataset: DatasetInfo, *, artifacts: ArtifactCache, data_root: str | None,
+                 threat: str, progress: bool, seed: int) -> LoadedClassifier:
+    return _from_file(Path(rest).expanduser(), dataset)
+
+
+SOURCE_GROUP = "harness.classifier_sources"
+_registry: Registry[Callable[..., LoadedClassifier]] | None = None
+
+
+def source_registry() -> Registry[Callable[..., LoadedClassifier]]:
+    """Where a base classifier can come from, by the prefix of its spec (plugins:
+    ``harness.classifier_sources``, each a loader ``(rest, dataset, *, artifacts, data_root, threat,
+    progress, seed) -> LoadedClassifier``)."""
+    global _registry
+    if _registry is None:
+        registry: Registry[Callable[..., LoadedClassifier]] = Registry("classifier source", group=SOURCE_GROUP)
+        registry.add("trained", _trained_source, summary=f"trained:<preset>: trained here by harness's recipe "
+                     f"(presets: {', '.join(CLASSIFIER_PRESETS)}), cached by recipe hash")
+        registry.add("file", _file_source, summary="file:<path> or a bare path: a .safetensors/.pt file of a "
+                     "harness architecture (never unpickled)")
+        registry.add("robustbench", _robustbench_source, summary="robustbench:<model name>: the RobustBench "
+                     "model zoo (optional extra harness[robustbench])", paper="Croce et al., NeurIPS 2021 D&B")
+        _registry = registry
+    return _registry
+
+
+def resolve_classifier(spec: str, dataset: DatasetInfo, *, artifacts: ArtifactCache,
+                       data_root: str | None = None, threat: str = "linf", progress: bool = True,
+                       seed: int = 0) -> LoadedClassifier:
+    """Load the base classifier named by ``spec`` (see the module docstring for the forms)."""
+    kind, sep, rest = spec.partition(":")
+    registry = source_registry()
+    if not sep or kind not in registry.names():
+        path = Path(spec).expanduser()
+        if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
+            kind, rest = "file", spec
+        else:
+            raise UsageError(f"cannot read classifier source {spec!r}; valid forms: "
+                             + "; ".join(i.summary for i in registry.items()))
+    loader = registry.get(kind)
+    return loader(rest, dataset, artifacts=artifacts, data_root=data_root, threat=threat, progress=progress,
+                  seed=seed)

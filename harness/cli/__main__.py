@@ -1,0 +1,7 @@
+"""``python -m harness.cli``."""
+
+import sys
+
+from harness.cli.app import main
+
+sys.exit(main())

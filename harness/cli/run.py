@@ -1,0 +1,70 @@
+"""``harness run``: evaluate a grid of cells, a thin layer over :func:`harness.api.evaluate`."""
+
+from __future__ import annotations
+
+import click
+
+from harness.cli.options import data_option, db_option, option_values, parse_options, registry_help, split_csv
+
+__all__ = ["run"]
+
+
+@click.command()
+@click.option("--defense", "defenses", multiple=True, required=True,
+              help="Defense name(s); comma-separate or repeat for a grid (see `harness list`).")
+@click.option("--dataset", default="cifar10", show_default=True, help="Dataset name (see `harness data info`).")
+@click.option("--classifier", default=None, help="Base classifier of purifier entries: trained:<preset> "
+              "(default trained:small), a .safetensors/.pt file, or robustbench:<name>.")
+@click.option("--threat", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
+@click.option("--eps", "eps", multiple=True, default=("8/255",), show_default=True,
+              help="Radius as 8/255 or 0.0314; several for a grid.")
+@click.option("--attack", "attacks", multiple=True, default=("pgd:steps=20",), show_default=True,
+              help=f"NAME[:key=value,...], one of: {registry_help('attack')} (see `harness list --attacks`).")
+@click.option("--protocol", "protocols", multiple=True, default=("non-adaptive,adaptive",), show_default=True,
+              help=f"Any of: {registry_help('protocol')} (see `harness list --protocols`).")
+@click.option("--n", default=512, show_default=True,
+              help="Number of test images (the first n of a fixed permutation of the split).")
+@click.option("--seed", "seeds", multiple=True, type=int, default=(0,), show_default=True,
+              help="Evaluation seed(s): attack start and defense noise.")
+@click.option("--variant", "variants", multiple=True, default=("clean",), show_default=True,
+              help=f"Test-set variant(s), kinds: {registry_help('variant')} (see `harness list --variants`).")
+@click.option("--preset", default=None, help="Defense training preset (default: the entry's `small`).")
+@click.option("--train-dataset", "train_datasets", multiple=True, default=("same",), show_default=True,
+              help="Dataset(s) the purifiers are trained on, comma-separated; 'same' = --dataset. Another "
+                   "dataset evaluates a transferred purifier (resized / channel-mapped to its input shape).")
+@click.option("--train-classifier", default=None,
+              help="Classifier the transferred purifiers are trained against (default: --classifier).")
+@option_values
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--force", is_flag=True, help="Recompute cells that are already stored.")
+@click.option("--no-train", is_flag=True, help="Refuse to train missing artifacts instead of training them.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@db_option
+@data_option
+def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds, variants, preset,
+        train_datasets, train_classifier, options, batch_size, force, no_train, no_progress, db,
+        data_root) -> None:
+    """Evaluate defenses; every (defense, eps, attack, protocol, seed) is a stored cell.
+
+    \b
+    Example:  harness run --defense none,maep --dataset cifar10
+    Transfer: harness run --defense maep --dataset fashion-mnist --train-dataset same,cifar10
+    """
+    from harness.api import evaluate
+    from harness.classifiers.sources import DEFAULT_CLASSIFIER
+
+    cells = evaluate(
+        list(split_csv(defenses)), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER, threat=threat,
+        eps=split_csv(eps), attacks=list(attacks), protocols=split_csv(protocols), n=n, seeds=seeds,
+        variants=split_csv(variants), preset=preset,
+        train_datasets=tuple(None if d == "same" else d for d in split_csv(train_datasets)),
+        train_classifier=train_classifier, options=parse_options(options), batch_size=batch_size, force=force,
+        allow_train=not no_train, data_root=data_root, progress=not no_progress, db=db)
+    click.echo(f"{'defense':<18} {'variant':<10} {'protocol':<13} {'attack':<18} {'eps':<8} {'seed':>4} "
+               f"{'clean':>7} {'robust':>7}  status")
+    for c in cells.itertuples():
+        name = c.defense + (f" <- {c.train_dataset}" if c.train_dataset else "")
+        also = [p for p in c.answers.split(",") if p and p != c.protocol]
+        note = f"  (also {', '.join(also)}: no purifier)" if also else ""
+        click.echo(f"{name:<18} {c.variant:<10} {c.protocol:<13} {c.attack:<18} {c.eps:<8} {c.seed:>4} "
+                   f"{100 * c.clean_acc:7.2f} {100 * c.robust_acc:7.2f}  {c.status}{note}")

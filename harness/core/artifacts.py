@@ -1,0 +1,93 @@
+"""Trained artifacts (weights) cached under a hash of the recipe that produced them.
+
+Weights are stored as safetensors, so loading one never executes code from it. Each artifact folder
+holds ``weights.safetensors`` and ``recipe.json`` (the full recipe, plus provenance of the training run).
+Writes go to a temporary folder that is renamed into place, so a crash never leaves half an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.core.errors import MissingArtifactError
+from harness.core.keys import RECIPE_KEY_LENGTH, content_hash
+from harness.core.paths import artifact_root
+
+log = logging.getLogger(__name__)
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    return content_hash(recipe, RECIPE_KEY_LENGTH)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    key: str
+    path: Path
+    recipe: dict[str, Any]
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "weights.safetensors"))
+
+
+class ArtifactCache:
+    """``get_or_train(kind, recipe, producer)``: reuse a cached artifact, or produce and store it."""
+
+    def __init__(self, root: str | os.PathLike | None = None, allow_train: bool = True):
+        self.root = artifact_root(root)
+        self.allow_train = allow_train
+
+    def path_for(self, kind: str, recipe: Mapping[str, Any]) -> Path:
+        return self.root / kind / recipe_hash(recipe)
+
+    def find(self, kind: str, recipe: Mapping[str, Any]) -> Artifact | None:
+        path = self.path_for(kind, recipe)
+        if (path / "weights.safetensors").is_file():
+            return Artifact(path.name, path, json.loads((path / "recipe.json").read_text()))
+        return None
+
+    def get_or_train(self, kind: str, recipe: Mapping[str, Any],
+                     producer: Callable[[], dict[str, torch.Tensor]], what: str) -> Artifact:
+        """Return the artifact for ``recipe``; train it with ``producer`` if missing and allowed."""
+        found = self.find(kind, recipe)
+        if found is not None:
+            return found
+        if not self.allow_train:
+            raise MissingArtifactError(
+                f"{what} is not trained yet (recipe {recipe_hash(recipe)} under {self.root / kind}); "
+                f"run without --no-train, or train it with `harness train`")
+        log.info("training %s (recipe %s)", what, recipe_hash(recipe))
+        started = time.time()
+        state = producer()
+        return self.store(kind, recipe, state, {"seconds": round(time.time() - started, 1)})
+
+    def store(self, kind: str, recipe: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+              provenance: Mapping[str, Any] | None = None) -> Artifact:
+        path = self.path_for(kind, recipe)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            meta = {"recipe": dict(recipe), "provenance": dict(provenance or {})}
+            (tmp / "recipe.json").write_text(json.dumps(meta["recipe"], indent=2, sort_keys=True, default=str))
+            (tmp / "provenance.json").write_text(json.dumps(meta["provenance"], indent=2, default=str))
+            if path.exists():  # a concurrent trainer won the race: keep its artifact
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return Artifact(path.name, path, dict(recipe))

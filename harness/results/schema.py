@@ -1,0 +1,110 @@
+"""The tables of the results store (SQLAlchemy 2.0): runs, cells, per-sample results and analyses.
+
+Analysis records (e.g. ``harness analyse fixed-randomness``) are rows of :class:`Analysis`, keyed by a
+hash of their kind and configuration, with the provenance of the run that produced them. Every query
+lives in :mod:`harness.results.queries`; :mod:`harness.results.database` opens a store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One invocation of ``harness run``, with its provenance."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    command: Mapped[str] = mapped_column(Text, default="")
+    git_commit: Mapped[str] = mapped_column(String(64), default="")
+    git_dirty: Mapped[bool] = mapped_column(Boolean, default=False)
+    harness_version: Mapped[str] = mapped_column(String(32), default="")
+    packages: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    device: Mapped[str] = mapped_column(String(64), default="cpu")
+    host: Mapped[str] = mapped_column(String(128), default="")
+    cells: Mapped[list["Cell"]] = relationship(back_populates="run")
+    analyses: Mapped[list["Analysis"]] = relationship(back_populates="run")
+
+
+class Cell(Base):
+    """One (defense, classifier, dataset, threat, eps, attack, protocol, n, seed) evaluation."""
+
+    __tablename__ = "cells"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    defense: Mapped[str] = mapped_column(String(128), index=True)
+    defense_version: Mapped[str] = mapped_column(String(32))
+    preset: Mapped[str] = mapped_column(String(64), default="")
+    classifier: Mapped[str] = mapped_column(String(256))
+    dataset: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_fingerprint: Mapped[str] = mapped_column(String(64))
+    data_source: Mapped[str] = mapped_column(Text, default="")
+    variant: Mapped[str] = mapped_column(String(128), default="clean")
+    threat: Mapped[str] = mapped_column(String(8))
+    eps: Mapped[float] = mapped_column(Float)
+    eps_text: Mapped[str] = mapped_column(String(32))
+    attack: Mapped[str] = mapped_column(String(64))
+    attack_label: Mapped[str] = mapped_column(String(64))
+    protocol: Mapped[str] = mapped_column(String(32), index=True)
+    n: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    clean_acc: Mapped[float | None] = mapped_column(Float)
+    robust_acc: Mapped[float | None] = mapped_column(Float)
+    avg_acc: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    run: Mapped[Run | None] = relationship(back_populates="cells")
+    samples: Mapped[list["SampleResult"]] = relationship(back_populates="cell", cascade="all, delete-orphan")
+
+
+class SampleResult(Base):
+    """The outcome for one test image in one cell."""
+
+    __tablename__ = "samples"
+    __table_args__ = (UniqueConstraint("cell_id", "index"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cell_id: Mapped[int] = mapped_column(ForeignKey("cells.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)  # position in the dataset split
+    label: Mapped[int] = mapped_column(Integer)
+    clean_pred: Mapped[int] = mapped_column(Integer)
+    adv_pred: Mapped[int] = mapped_column(Integer)
+    perturbation: Mapped[float] = mapped_column(Float)  # norm of x_adv - x in the cell's threat model
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cell: Mapped[Cell] = relationship(back_populates="samples")
+
+
+class Analysis(Base):
+    """One analysis record: its ``kind`` (e.g. ``fixed-randomness``), the ``config`` it was computed
+    for (JSON), its ``result`` (JSON) and the run (provenance) that produced it. ``key`` hashes kind
+    and config: computing the same analysis again replaces the record."""
+
+    __tablename__ = "analyses"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run: Mapped[Run | None] = relationship(back_populates="analyses")
