@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.toolkit.diffusion.purifier import DiffusionPurifier, diffusion_options, entry_build, train_entry_ddpm
-from harness.toolkit.diffusion.sampler import checkpointed
-from harness.core.errors import UsageError
-from harness.core.noise import NoiseDraws
-from harness.core.entry import DefenseEntry, Kind, Metadata
+from harness.api import (DefenseEntry, DiffusionPurifier, Kind, Metadata, NoiseDraws, UsageError, checkpointed,
+                        diffusion_options, entry_build, train_entry_ddpm)
 
 PROBE, MIN_STEP, MAX_STEP = 1e-3, 1e-5, 0.1  # ADP code: lr_min, min_step_lr, 10^4 * min_step_lr
 

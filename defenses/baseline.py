@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from harness.core.context import BuildContext
-from harness.core.entry import Defense, DefenseEntry, Kind, Metadata, Reported, Role
+from harness.api import BuildContext, Defense, DefenseEntry, Kind, Metadata, Reported, Role
 
 
 def build(ctx: BuildContext) -> Defense:

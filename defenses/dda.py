@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.core.entry import DefenseEntry, Kind, Metadata
-from harness.toolkit.diffusion.purifier import ReversePurifier, diffusion_options, entry_build, train_entry_ddpm
+from harness.api import (DefenseEntry, Kind, Metadata, ReversePurifier, diffusion_options, entry_build,
+                        train_entry_ddpm)
 
 
 def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:

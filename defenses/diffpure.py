@@ -10,8 +10,8 @@ the cell): ``tstar`` (diffusion time in (0, 1]), ``steps`` (reverse steps), ``sa
 
 from __future__ import annotations
 
-from harness.core.entry import DefenseEntry, Kind, Metadata, Reported
-from harness.toolkit.diffusion.purifier import ReversePurifier, diffusion_options, entry_build, train_entry_ddpm
+from harness.api import (DefenseEntry, Kind, Metadata, Reported, ReversePurifier, diffusion_options,
+                        entry_build, train_entry_ddpm)
 
 
 class DiffPure(ReversePurifier):

@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.noise import NoiseDraws
-from harness.core.entry import Defense, DefenseEntry, Kind, Metadata, Purifier, Reported
-from harness.toolkit.purifier_training import LossFn, train_on_pairs
+from harness.api import (Defense, DefenseEntry, Kind, LossFn, Metadata, NoiseDraws, Purifier, Reported,
+                        train_on_pairs)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from harness.core.context import BuildContext, TrainContext
+    from harness.api import BuildContext, TrainContext
 
 __all__ = ["MAEP", "MAEPurifier", "maep_loss", "PRESETS"]
 

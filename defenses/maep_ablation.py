@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from defenses.maep import MAEP, PRESETS as MAEP_PRESETS, maep_loss, new_purifier
-from harness.core.entry import DefenseEntry
-from harness.toolkit.purifier_training import LossFn, Stage, train_on_pairs
+from harness.api import DefenseEntry, LossFn, Stage, train_on_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from harness.core.context import TrainContext
+    from harness.api import TrainContext
 
 __all__ = ["MAEP_MLM", "MAEP_BOTH", "MAEP_TRADES_PIXEL", "mlm_loss", "both_loss", "trades_pixel_loss"]
 

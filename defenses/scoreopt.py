@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.toolkit.diffusion.purifier import DiffusionPurifier, diffusion_options, entry_build, train_entry_ddpm
-from harness.toolkit.diffusion.sampler import checkpointed
-from harness.core.noise import NoiseDraws
-from harness.core.entry import DefenseEntry, Kind, Metadata, Reported
+from harness.api import (DefenseEntry, DiffusionPurifier, Kind, Metadata, NoiseDraws, Reported, checkpointed,
+                        diffusion_options, entry_build, train_entry_ddpm)
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 

@@ -39,8 +39,11 @@ def parse_options(values: tuple[str, ...]) -> dict[str, Any]:
 def registry_help(axis: str) -> str:
     """The names of a registry, for an option's help text (so help never falls behind the code)."""
     from harness.attacks.catalog import attack_registry
+    from harness.data.catalog import dataset_names
     from harness.data.variants import variant_registry
     from harness.evaluation.protocols import protocol_registry
 
+    if axis == "dataset":
+        return ", ".join(dataset_names())
     registries = {"attack": attack_registry, "protocol": protocol_registry, "variant": variant_registry}
     return ", ".join(registries[axis]().names())

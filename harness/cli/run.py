@@ -12,7 +12,7 @@ __all__ = ["run"]
 @click.command()
 @click.option("--defense", "defenses", multiple=True, required=True,
               help="Defense name(s); comma-separate or repeat for a grid (see `harness list`).")
-@click.option("--dataset", default="cifar10", show_default=True, help="Dataset name (see `harness data info`).")
+@click.option("--dataset", default="cifar10", show_default=True, help=f"One of: {registry_help('dataset')} (see `harness data info`).")
 @click.option("--classifier", default=None, help="Base classifier of purifier entries: trained:<preset> "
               "(default trained:small), a .safetensors/.pt file, or robustbench:<name>.")
 @click.option("--threat", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))

@@ -181,24 +181,35 @@ def _preset_dict(name: str, preset: Any) -> dict[str, Any]:
 
 
 def _check_presets(entry: str, presets: Mapping[str, Any]) -> None:
-    """Every preset of an entry has the same fields, each of one type (``None`` fits any): a typo in
-    one preset fails here, at registration, not halfway through training."""
+    """Every preset of an entry has the same fields (nested mappings included), each of one type
+    (``None`` fits any; ints and floats mix): a typo in one preset fails here, at registration, not
+    halfway through training."""
     configs = {name: _preset_dict(name, p) for name, p in presets.items()}
-    if not configs:
-        return
-    first_name, first = next(iter(configs.items()))
-    for name, config in configs.items():
-        missing, extra = sorted(set(first) - set(config)), sorted(set(config) - set(first))
-        if missing or extra:
-            raise ValueError(f"defense {entry!r}: preset {name!r} differs from preset {first_name!r} in its "
-                             f"fields (missing: {', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'})")
-        for key, value in config.items():
-            other = first[key]
-            if value is not None and other is not None and type(value) is not type(other) and not (
-                    isinstance(value, (int, float)) and isinstance(other, (int, float))
-                    and not isinstance(value, bool) and not isinstance(other, bool)):
-                raise ValueError(f"defense {entry!r}: field {key!r} is a {type(value).__name__} in preset "
-                                 f"{name!r} but a {type(other).__name__} in preset {first_name!r}")
+    if configs:
+        first = next(iter(configs))
+        for name, config in configs.items():
+            _same_shape(entry, f"preset {name!r}", config, f"preset {first!r}", configs[first], "")
+
+
+def _same_shape(entry: str, this: str, a: Mapping[str, Any], that: str, b: Mapping[str, Any], where: str) -> None:
+    missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+    if missing or extra:
+        raise ValueError(f"defense {entry!r}: {this} differs from {that}{where} in its fields "
+                         f"(missing: {', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'})")
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, Mapping) and isinstance(other, Mapping):
+            _same_shape(entry, this, value, that, other, f"{where}.{key}" if where else f" at {key!r}")
+        elif value is not None and other is not None and _kind(value) != _kind(other):
+            raise ValueError(f"defense {entry!r}: field {key!r}{where} is a {type(value).__name__} in {this} "
+                             f"but a {type(other).__name__} in {that}")
+
+
+def _kind(value: Any) -> str:
+    """A value's type for preset checks: ints and floats are both numbers."""
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 @dataclass(frozen=True)

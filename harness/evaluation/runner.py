@@ -246,6 +246,11 @@ def _entry_metadata(entry: DefenseEntry, registry: Registry[DefenseEntry]) -> di
     return meta
 
 
+def _parameters(module: torch.nn.Module) -> int:
+    """Every parameter of ``module`` (the frozen ones included)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def _protocol_note(planned: _PlannedCell) -> str:
     others = [p for p in planned.requested if p != planned.protocol.name]
     if not others:
@@ -265,6 +270,8 @@ def _open_cell(session: Session, planned: _PlannedCell, run: Run, network: _Netw
     attack = planned.attack_instance()
     test = planned.split
     part = defense.purifier if defense.has_purifier else defense.classifier
+    metadata = dict(metadata, parameters={"classifier": _parameters(defense.classifier),
+                                          "purifier": _parameters(defense.purifier)})
     config = dict(planned.key_config, entry=metadata, protocol_tier=planned.protocol.tier,
                   classifier_provenance=network.provenance, data_source=test.source,
                   defense_provenance=getattr(part, "provenance", None))
