@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.analysis import (analyse, compression_rates, compression_scatter, gain_table, load_records,
-                              randomness_spread, report_sections, save_record, scatter_points)
+from harness.analysis import (analyse, compression_rates, gain_table, load_records, randomness_spread,
+                              save_record, scatter_points)
+from harness.report.randomness import compression_scatter, report_sections
 from harness.results import open_db
 
 SHAPE = (3, 8, 8)
@@ -51,6 +52,7 @@ def _cells():
                 rows.append(dict(status="done", protocol=protocol, attack_label=attack, robust_acc=acc + delta,
                                  dataset="cifar10", classifier="c", threat="linf", eps_text="8/255",
                                  defense=defense, preset="small" if defense != "none" else None,
+                                 entry_kind="undefended" if defense == "none" else "purifier",
                                  defense_options=options, variant="clean"))
     # results on a dataset variant never enter the gain table
     rows.append(dict(rows[-1], defense="diffpure", defense_options="", protocol="adaptive", robust_acc=0.0,
@@ -60,7 +62,7 @@ def _cells():
 
 def test_gain_table_scatter_and_sections(tmp_path):
     engine = open_db(str(tmp_path / "results.db"))
-    table = gain_table(_cells())
+    table = gain_table(_cells(), {"none"})
     assert len(table) == 3 and set(table["defense"]) == {"diffpure", "dda"}
     row = table[(table["defense"] == "diffpure") & (table["defense_options"] == "")].iloc[0]
     assert row["fixed"] == pytest.approx(0.2) and row["fresh"] == pytest.approx(0.6)  # strongest attack

@@ -8,9 +8,10 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from harness.analysis import gain_table, load_records, report_sections, worst_of_n_accuracy
+from harness.analysis import gain_table, load_records, worst_of_n_accuracy
 from harness.cli import main
-from harness.report import cells_frame
+from harness.report import baseline_defenses, cells_frame
+from harness.report.randomness import report_sections
 from harness.evaluation.runner import RunRequest, run_grid
 from harness.results import Analysis, Cell, Run, SampleResult, open_db
 
@@ -72,7 +73,8 @@ def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, harness_home, tmp_pa
         key = eot.key
     worst = worst_of_n_accuracy(engine)
     assert worst[key] == pytest.approx(1 / 3) and len(worst) == 2  # diffpure's and none's adaptive-eot
-    table = gain_table(cells_frame(engine), worst_of_n=worst_of_n_accuracy(engine))
+    cells = cells_frame(engine)
+    table = gain_table(cells, baseline_defenses(cells), worst_of_n=worst_of_n_accuracy(engine))
     assert list(table["defense"]) == ["diffpure"] and table["fresh_worst"].iloc[0] == pytest.approx(1 / 3)
     sections = report_sections(table, [record], tmp_path / "report")
     assert len(sections) == 2 and (tmp_path / "report" / sections[1].images[0]).is_file()

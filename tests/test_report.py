@@ -13,8 +13,9 @@ import pytest
 from markupsafe import Markup
 from sqlalchemy.orm import Session
 
+from harness.core.errors import UsageError
 from harness.report import ExtraSection, write_reports
-from harness.report.frame import aggregate_seeds, cells_frame, done_cells, match_reported
+from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells, match_reported
 from harness.report.tables import build_tables, latex_escape, safe_stem, to_markdown
 from harness.results import Cell, Run, open_db
 
@@ -26,9 +27,14 @@ MAEP_ENTRY = {
     "paper": "Masked Autoencoder Purification", "citation": "Doe & Roe, 2025",
     "reported": [
         {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack (standard)",
-         "clean": 90.5, "robust": 60.25, "source": "MAEP paper, Table 3", "classifier": ""},
+         "clean": 90.5, "robust": 60.25, "source": "MAEP paper, Table 3", "classifier": "",
+         "tier": "non-adaptive", "unit": "percent"},
+        {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "PGD-20 x EOT",
+         "clean": 88.0, "robust": 45.5, "source": "MAEP paper, Table 4", "classifier": "",
+         "tier": "adaptive-eot", "unit": "percent"},
         {"dataset": "cifar100", "threat": "linf", "eps": "8/255", "attack": "AutoAttack",
-         "clean": 70.0, "robust": 30.0, "source": "elsewhere", "classifier": ""},
+         "clean": 70.0, "robust": 30.0, "source": "elsewhere", "classifier": "", "tier": "non-adaptive",
+         "unit": "percent"},
     ],
 }
 EVIL_ENTRY = {"name": EVIL, "version": "0", "kind": "classifier", "paper": "<b>Evil</b> & 100% _x_",
@@ -39,13 +45,13 @@ def _cell(key: str, run: Run, *, defense: str = "maep", entry: dict = MAEP_ENTRY
           attack_label: str = "PGD-20", clean: float | None = None, robust: float | None = None,
           seed: int = 0, status: str = "done", threat: str = "linf", eps: float = 8 / 255,
           eps_text: str = "8/255", classifier: str = "wrn-28-10",
-          data_source: str = "cifar10 torchvision test split", **kw) -> Cell:
+          data_source: str = "cifar10 torchvision test split", config: dict | None = None, **kw) -> Cell:
     avg = None if clean is None or robust is None else (clean + robust) / 2
     return Cell(key=key, run=run, defense=defense, defense_version=entry["version"], preset="small",
                 classifier=classifier, dataset="cifar10", dataset_fingerprint="f1a2b3c4d5e6f7a8b9c0",
                 data_source=data_source, variant="clean", threat=threat, eps=eps, eps_text=eps_text,
                 attack=attack_label.split("-")[0].lower(), attack_label=attack_label, protocol=protocol,
-                n=100, seed=seed, config={"entry": entry, "attack": {"name": "pgd", "steps": 20}},
+                n=100, seed=seed, config={"entry": entry, "attack": {"name": "pgd", "steps": 20}, **(config or {})},
                 status=status, n_done=100 if status == "done" else 37, clean_acc=clean,
                 robust_acc=robust, avg_acc=avg, seconds=12.5, **kw)
 
@@ -110,13 +116,14 @@ def test_markdown_values_and_seeds(out):
         ("maep", "adaptive-eot")]
     eot = rows[2]
     assert (eot["Clean"], eot["Robust"], eot["Avg"]) == ("89.00 ± 1.41", "41.00 ± 1.41", "65.00 ± 0.00")
+    assert (eot["Reported robust"], eot["Source"]) == ("45.50", "[2]")  # the number of its own tier
     assert (eot["Attack"], eot["n"], eot["Seeds"]) == ("PGD-20xEOT4", "100", "2")
     non = rows[1]
     assert (non["Clean"], non["Robust"], non["Avg"], non["Seeds"]) == ("90.00", "50.00", "70.00", "1")
     assert (non["Reported clean"], non["Reported robust"], non["Source"]) == ("90.50", "60.25", "[1]")
     assert rows[0]["Robust"] == "12.34" and rows[0]["Reported clean"] == "–"
     assert "Version" not in rows[0]  # one version per defense: no column
-    assert "[1] MAEP paper, Table 3" in md and "Reported clean" in md
+    assert "[1] MAEP paper, Table 3" in md and "[2] MAEP paper, Table 4" in md and "Reported clean" in md
     assert "12.34" in md  # the evil defense's robust accuracy 0.1234
     assert "APGD-CE" not in md  # the failed cell is not ranked
     assert "\\<script\\>" in md and EVIL not in md
@@ -164,6 +171,7 @@ def test_html(out):
     assert "MAEP paper, Table 3" in html and "Masked Autoencoder Purification" in html
     for tier in ("non-adaptive", "adaptive-eot", "bpda", "Adaptive (EOT)", "Adaptive (BPDA)"):
         assert tier in html  # legend explains every tier
+    assert "adaptive-exact" not in html  # no protocol of that name exists
     assert "JPEG copy" in html
     assert "1 failed" in html and "APGD-CE" in html and "RuntimeError: boom" in html
     assert "<p id='trusted'>prepared</p>" in html and "&lt;i&gt;escaped&lt;/i&gt;" in html
@@ -176,13 +184,13 @@ def test_seed_aggregation_frame(db):
     eot = agg[agg["protocol"] == "adaptive-eot"].iloc[0]
     assert eot["seeds"] == 2 and eot["seed_list"] == [0, 1]
     assert eot["clean_mean"] == pytest.approx(0.89) and eot["clean_std"] == pytest.approx(0.0141421, 1e-4)
-    assert eot["reported"]["source"] == "MAEP paper, Table 3"
+    assert eot["reported"]["source"] == "MAEP paper, Table 4"
     tables = build_tables(agg)
     assert [t.stem for t in tables] == ["cifar10_linf_8-255", "cifar10_l2_0.5"]
     assert "Unfinished" not in to_markdown(tables[1])
 
     # the installed entry's reported numbers (e.g. a corrected citation) win over the stored ones
-    fixed = [dict(eot["reported"], source="MAEP paper, Table 3 (corrected)")]
+    fixed = [dict(eot["reported"], source="MAEP paper, Table 4 (corrected)")]
     again = aggregate_seeds(done_cells(cells_frame(db)), {("maep", "1"): fixed})
     assert again[again["protocol"] == "adaptive-eot"].iloc[0]["reported"]["source"].endswith("(corrected)")
 
@@ -204,22 +212,24 @@ def test_other_options_are_not_averaged_as_seeds(tmp_path):
 
 def test_match_reported_eps_forms():
     rep = [{"dataset": "CIFAR10", "threat": "Linf", "eps": "0.0314", "attack": "AA", "clean": 1,
-            "robust": 2, "source": "s"}]
-    assert match_reported(rep, dataset="cifar10", threat="linf", eps=8 / 255, eps_text="8/255")
-    assert match_reported(rep, dataset="cifar10", threat="linf", eps=4 / 255, eps_text="4/255") is None
-    assert match_reported(None, dataset="cifar10", threat="linf", eps=0.1, eps_text="0.1") is None
+            "robust": 2, "source": "s", "tier": "adaptive"}]
+    kw = dict(dataset="cifar10", threat="linf", protocol="adaptive")
+    assert match_reported(rep, eps=8 / 255, eps_text="8/255", **kw)
+    assert match_reported(rep, eps=4 / 255, eps_text="4/255", **kw) is None
+    assert match_reported(None, eps=0.1, eps_text="0.1", **kw) is None
 
 
-def test_match_reported_keeps_adaptive_and_non_adaptive_numbers_apart():
-    rep = [{"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack standard, non-adaptive",
-            "robust": 87.3},
-           {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack rand (EOT 20), adaptive",
-            "robust": 70.6}]
+def test_match_reported_by_tier_only():
+    rep = [{"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack rand (EOT 20), adaptive",
+            "robust": 87.3, "tier": "non-adaptive"},
+           {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AutoAttack standard, non-adaptive",
+            "robust": 70.6, "tier": "adaptive-eot"}]
     kw = dict(dataset="cifar10", threat="linf", eps=8 / 255, eps_text="8/255")
-    assert match_reported(rep, protocol="non-adaptive", **kw)["robust"] == 87.3
-    assert match_reported(rep, protocol="adaptive", **kw)["robust"] == 70.6
+    assert match_reported(rep, protocol="non-adaptive", **kw)["robust"] == 87.3  # the tier, not the text
     assert match_reported(rep, protocol="adaptive-eot", **kw)["robust"] == 70.6
-    assert match_reported(rep[:1], protocol="adaptive", **kw) is None
+    assert match_reported(rep, protocol="adaptive", **kw) is None
+    untiered = [{k: v for k, v in item.items() if k != "tier"} for item in rep]  # stored by harness 0.1
+    assert all(match_reported(untiered, protocol=p, **kw) is None for p in ("non-adaptive", "adaptive-eot"))
 
 
 def test_empty_db(tmp_path):
@@ -242,6 +252,93 @@ def test_formats_subset_and_stale_tables(db, tmp_path):
     assert not (tmp_path / "index.html").exists() and not (tmp_path / "cells.csv").exists()
     with pytest.raises(ValueError, match="unknown report format"):
         write_reports(db, tmp_path, formats=("pdf",))
+
+
+NONE_ENTRY = {"name": "none", "version": "1", "kind": "undefended", "role": "baseline", "paper": "No defense",
+              "citation": "-", "reported": []}
+ROBUST_ENTRY = {"name": "robust-net", "version": "1", "kind": "classifier", "role": "defense",
+                "paper": "A robust network", "citation": "-", "reported": []}
+PURIFIER_ENTRY = dict(MAEP_ENTRY, reported=[], role="defense")
+
+
+def _note(name: str) -> dict:
+    """What the runner stores for a cell of an entry without a purifier that answers non-adaptive too."""
+    return {"protocol_note": f"{name} has no purifier: non-adaptive attack the same function as adaptive, "
+                             f"so this one cell answers them all"}
+
+
+@pytest.fixture(scope="module")
+def mixed_db(tmp_path_factory):
+    """A purifier run under non-adaptive and adaptive, the baseline and a classifier entry (own network)
+    each with its one adaptive cell, and a cell of a protocol this harness does not know."""
+    engine = open_db(f"sqlite:///{tmp_path_factory.mktemp('mixed')}/m.db")
+    with Session(engine) as session:
+        run = Run(git_commit="c0ffee")
+        session.add_all([
+            _cell("m1", run, protocol="non-adaptive", entry=PURIFIER_ENTRY, clean=0.9, robust=0.6),
+            _cell("m2", run, protocol="adaptive", entry=PURIFIER_ENTRY, clean=0.9, robust=0.3),
+            _cell("m3", run, defense="none", entry=NONE_ENTRY, protocol="adaptive", clean=0.95, robust=0.0,
+                  config=_note("none")),
+            _cell("m4", run, defense="robust-net", entry=ROBUST_ENTRY, protocol="adaptive", clean=0.8,
+                  robust=0.45, classifier="robust-net@1a2b3c",
+                  config=dict(_note("robust-net"), classifier_provenance={"source": "entry", "entry": "robust-net"})),
+            _cell("m5", run, protocol="plugin-proto", entry=PURIFIER_ENTRY, clean=0.9, robust=0.2),
+        ])
+        session.commit()
+    return engine
+
+
+def test_entries_without_a_purifier(mixed_db, tmp_path):
+    write_reports(mixed_db, tmp_path, generated_at=WHEN)
+    md = (tmp_path / "tables" / "cifar10_linf_8-255.md").read_text()
+    rows = {(r["Defense"], r["Protocol"]): r for r in _md_rows(md)}
+    assert set(rows) == {("maep", "non-adaptive"), ("maep", "adaptive"), ("maep", "plugin-proto"),
+                         ("none", "adaptive †"), ("robust-net", "adaptive †")}
+    assert rows["none", "adaptive †"]["Classifier"] == "wrn-28-10"
+    assert rows["robust-net", "adaptive †"]["Classifier"] == "robust-net@1a2b3c (own network)"
+    assert "† none has no purifier: non-adaptive attack the same function as adaptive" in md
+    assert "`plugin-proto` (plugin-proto): Protocol not described" in md  # shown as-is
+    tex = (tmp_path / "tables" / "cifar10_linf_8-255.tex").read_text()
+    assert "adaptive \\textdagger{}" in tex and "†" not in tex
+    html = (tmp_path / "index.html").read_text()
+    assert 'title="none has no purifier: non-adaptive attack' in html
+    # the gain table: against the baseline role, the classifier entry's adaptive number fills its
+    # non-adaptive column, and no baseline shares its network
+    gains = html.split("Robust gain under fixed vs fresh randomness")[1].split("</table>")[0]
+    cells = {row[4]: row[7:] for row in (re.findall(r"<td>([^<]*)</td>", tr)
+                                         for tr in re.findall(r"<tr>(.*?)</tr>", gains, re.S))}
+    # non_adaptive, bpda, fixed, fresh, baseline, gain_fixed, gain_fresh
+    assert cells == {"robust-net": ["45.00", "45.00", "45.00", "–", "–", "–", "–"],
+                     "maep": ["60.00", "–", "30.00", "–", "0.00", "30.00", "–"]}
+    assert "No purifier, same function: robust-net attacked once under adaptive" in html
+
+
+def test_baselines_from_stored_roles_else_installed(mixed_db):
+    cells = cells_frame(mixed_db)
+    assert baseline_defenses(cells) == {"none"}
+    old = cells.assign(entry_role=None)  # cells of harness 0.1 store no role
+    assert baseline_defenses(old) == set()
+    installed = {("none", "1"): {"role": "baseline"}, ("maep", "1"): {"role": "defense"},
+                 ("robust-net", "2"): {"role": "baseline"}}  # another version: not these cells
+    assert baseline_defenses(old, installed) == {"none"}
+
+
+def test_template_override(db, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "leaderboard.html.j2").write_text(
+        '{% extends "base.html.j2" %}{% block content %}<p id="custom">{{ tables[0].rows[0].cells[0].main }}'
+        '</p>{% endblock %}')
+    write_reports(db, tmp_path / "a", formats="html", templates=mine)
+    html = (tmp_path / "a" / "index.html").read_text()
+    assert '<p id="custom">&lt;script&gt;' in html and "<style>" in html  # the shipped base, escaping on
+    (mine / "leaderboard.html.j2").unlink()
+    (mine / "base.html.j2").write_text('<html><body id="restyled">{% block content %}{% endblock %}</body></html>')
+    write_reports(db, tmp_path / "b", formats="html", templates=mine)
+    html = (tmp_path / "b" / "index.html").read_text()
+    assert 'id="restyled"' in html and "<style>" not in html and "MAEP paper, Table 3" in html
+    with pytest.raises(UsageError, match="templates folder"):
+        write_reports(db, tmp_path / "c", formats="html", templates=tmp_path / "missing")
 
 
 CHROMIUM = "/usr/bin/chromium"

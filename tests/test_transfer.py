@@ -137,7 +137,7 @@ def test_purifier_trained_on_another_dataset_is_a_cell_of_its_own(tiny_cifar, tm
     from harness.report.frame import aggregate_seeds, done_cells
 
     reported = [{"dataset": "mnist", "threat": "linf", "eps": "8/255", "attack": "PGD", "clean": 99.0,
-                 "robust": 90.0, "source": "paper"}]
+                 "robust": 90.0, "source": "paper", "tier": "adaptive"}]
     rows = aggregate_seeds(done_cells(cells_frame(engine)), {("meanblend", "1"): reported})
     in_domain = "train_dataset" not in rows["defense_options"].iloc[0]
     assert [r is not None for r in rows["reported"]] == ([True, False] if in_domain else [False, True])

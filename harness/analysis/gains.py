@@ -1,11 +1,13 @@
 """Robust gain under fixed vs fresh randomness, and its correlation with the compression rate
-(Liu & Wei, arXiv 2505.22839, findings (c) and (d)), as tables, a scatter plot and report sections.
+(Liu & Wei, arXiv 2505.22839, findings (c) and (d)), as numbers; :mod:`harness.report.randomness`
+renders them.
 
-``gain = robust accuracy of the defense - robust accuracy of the undefended classifier`` (defense
-``none``) on the same dataset, classifier, threat model and eps. Per protocol the strongest attack
-counts (lowest seed-averaged robust accuracy). Analysis records (:func:`harness.analysis.fixed_randomness.analyse`)
-are rows of the results DB (:class:`harness.results.schema.Analysis`, kind ``fixed-randomness``), one per
-setting (defense, version, preset, options, dataset, classifier, data fingerprint).
+``gain = robust accuracy of the defense - robust accuracy of the baseline`` (the entries whose role is
+``baseline``, e.g. the undefended classifier) on the same dataset, classifier, threat model and eps.
+Per protocol the strongest attack counts (lowest seed-averaged robust accuracy). Analysis records
+(:func:`harness.analysis.fixed_randomness.analyse`) are rows of the results DB
+(:class:`harness.results.schema.Analysis`, kind ``fixed-randomness``), one per setting (defense,
+version, preset, options, dataset, classifier, data fingerprint).
 """
 
 from __future__ import annotations
@@ -13,31 +15,27 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from markupsafe import Markup  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
+from harness.core.entry import Kind
+from harness.core.threat import Epsilon
+from harness.evaluation.protocols import AdaptiveFixed, protocol_registry
+from harness.results.queries import eot_sample_extras, load_analyses, save_analysis
 
-from harness.report.frame import safe_stem  # noqa: E402
-from harness.results.queries import eot_sample_extras, load_analyses, save_analysis  # noqa: E402
-from harness.core.threat import Epsilon  # noqa: E402
-
-__all__ = ["PROTOCOL_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table", "worst_of_n_accuracy", "save_record",
-           "load_records", "scatter_points", "compression_scatter", "report_sections"]
+__all__ = ["PROTOCOL_COLUMNS", "SETTING_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table",
+           "worst_of_n_accuracy", "save_record", "load_records", "scatter_points", "pearson_r"]
 
 ANALYSIS_KIND = "fixed-randomness"
 
 PROTOCOL_COLUMNS = {"non-adaptive": "non_adaptive", "bpda": "bpda", "adaptive": "fixed", "adaptive-eot": "fresh"}
 _GROUP = ["dataset", "classifier", "threat", "eps_text"]
-_SETTING = _GROUP + ["defense", "preset", "defense_options"]
+#: The columns that name one defense setting in :func:`gain_table`.
+SETTING_COLUMNS = _GROUP + ["defense", "preset", "defense_options"]
 
 
 def worst_of_n_accuracy(engine: Engine) -> dict[str, float]:
@@ -53,32 +51,52 @@ def worst_of_n_accuracy(engine: Engine) -> dict[str, float]:
     return {key: sum(v) / len(v) for key, v in tally.items()}
 
 
-def gain_table(cells: pd.DataFrame, baseline: str = "none",
+def gain_table(cells: pd.DataFrame, baselines: Collection[str],
                worst_of_n: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """One row per defense setting (on the clean test data): robust accuracy per protocol, the baseline, and the gains under
-    fixed (``adaptive``) and fresh (``adaptive-eot``) randomness, in [0, 1]; with ``worst_of_n``
-    (from :func:`worst_of_n_accuracy`) also ``fresh_worst``, fresh randomness judged worst-of-N."""
+    """One row per defense setting (on the clean test data) other than the ``baselines`` (defense
+    names): robust accuracy per protocol, the baseline (the lowest robust accuracy of a baseline in
+    the same dataset / classifier / threat / eps) and the gains under fixed (``adaptive``) and fresh
+    (``adaptive-eot``) randomness, in [0, 1]; with ``worst_of_n`` (from :func:`worst_of_n_accuracy`)
+    also ``fresh_worst``, fresh randomness judged worst-of-N.
+
+    ``cells`` is a cells frame (:func:`harness.report.frame.cells_frame`). An entry without a purifier
+    (``entry_kind`` other than ``purifier``) is one function under every protocol that differs from
+    ``adaptive`` only in the purifier: its ``adaptive`` number fills those columns where it has no
+    cell of its own, and ``no_purifier`` marks its rows.
+    """
     done = cells[(cells["status"] == "done") & cells["protocol"].isin(list(PROTOCOL_COLUMNS))
                  & (cells["variant"] == "clean")]
     if done.empty:
         return pd.DataFrame()
     done = done.fillna({"preset": "", "defense_options": ""})
+    no_purifier = set(done.loc[done["entry_kind"] != Kind.PURIFIER.value, "defense"])
     if worst_of_n:
         worst = done[done["cell_key"].isin(list(worst_of_n))].assign(protocol="worst")
         done = pd.concat([done, worst.assign(robust_acc=worst["cell_key"].map(worst_of_n))])
-    per_attack = done.groupby(_SETTING + ["protocol", "attack_label"], dropna=False)["robust_acc"].mean()
-    strongest = per_attack.groupby(level=list(range(len(_SETTING) + 1))).min().unstack("protocol")
+    per_attack = done.groupby(SETTING_COLUMNS + ["protocol", "attack_label"], dropna=False)["robust_acc"].mean()
+    strongest = per_attack.groupby(level=list(range(len(SETTING_COLUMNS) + 1))).min().unstack("protocol")
     strongest = strongest.rename(columns=dict(PROTOCOL_COLUMNS, worst="fresh_worst")).reset_index()
-    base = strongest[strongest["defense"] == baseline]
-    base_acc = base.set_index(_GROUP)[[c for c in PROTOCOL_COLUMNS.values() if c in base]].min(axis=1)
-    table = strongest[strongest["defense"] != baseline].copy()
+    strongest = strongest.reindex(columns=[*strongest.columns, *(c for c in PROTOCOL_COLUMNS.values()
+                                                                 if c not in strongest)])
+    strongest["no_purifier"] = strongest["defense"].isin(no_purifier)
+    adaptive = strongest[PROTOCOL_COLUMNS[AdaptiveFixed.name]]
+    for name in _answered_by_adaptive():
+        col = PROTOCOL_COLUMNS[name]
+        strongest[col] = strongest[col].mask(strongest["no_purifier"] & strongest[col].isna(), adaptive)
+    is_base = strongest["defense"].isin(set(baselines))
+    base_acc = strongest[is_base].groupby(_GROUP)[list(PROTOCOL_COLUMNS.values())].min().min(axis=1)
+    table = strongest[~is_base].copy()
     table["baseline"] = [base_acc.get(tuple(row[_GROUP]), math.nan) for _, row in table.iterrows()]
-    for col in PROTOCOL_COLUMNS.values():
-        if col not in table:
-            table[col] = math.nan
     table["gain_fixed"] = table["fixed"] - table["baseline"]
     table["gain_fresh"] = table["fresh"] - table["baseline"]
     return table.reset_index(drop=True)
+
+
+def _answered_by_adaptive() -> list[str]:
+    """The protocols of :data:`PROTOCOL_COLUMNS` that an entry without a purifier answers with its
+    ``adaptive`` cell (:func:`harness.evaluation.protocols.protocol_for`)."""
+    registry = protocol_registry()
+    return [name for name in PROTOCOL_COLUMNS if name in registry and registry.get(name).purifier_only]
 
 
 def _options_of(defense_options: str) -> dict[str, Any]:
@@ -105,6 +123,8 @@ def load_records(engine: Engine) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ScatterPoint:
+    """One defense setting of the compression scatter: its compression rate and robust gain."""
+
     label: str
     compression: float
     gain: float
@@ -131,58 +151,10 @@ def scatter_points(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], *,
     return points
 
 
-def compression_scatter(points: Sequence[ScatterPoint], path: str | Path,
-                        ylabel: str = "robust gain, fixed randomness") -> tuple[Path, float]:
-    """Scatter of compression rate vs robust gain; returns the PNG path and Pearson's r (NaN with
-    fewer than two points or no variance)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def pearson_r(points: Sequence[ScatterPoint]) -> float:
+    """Pearson's r of compression rate vs gain (NaN with fewer than two points or no variance)."""
     xs = np.array([p.compression for p in points], dtype=float)
     ys = np.array([p.gain for p in points], dtype=float)
-    r = float(np.corrcoef(xs, ys)[0, 1]) if len(points) > 1 and xs.std() > 0 and ys.std() > 0 else math.nan
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(xs, 100 * ys)
-    for p in points:
-        ax.annotate(p.label, (p.compression, 100 * p.gain), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("compression rate 1 - kappa")
-    ax.set_ylabel(f"{ylabel} (points)")
-    ax.set_title(f"Pearson r = {r:.3f}" if not math.isnan(r) else "Pearson r: n/a")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path, r
-
-
-def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list:
-    """:class:`harness.report.ExtraSection` s for the HTML report: the fixed-vs-fresh table and the
-    compression scatter (written to ``out_dir/figures``)."""
-    from harness.report.html import ExtraSection
-
-    if table.empty:
-        return []
-    extra = ["fresh_worst"] if "fresh_worst" in table else []
-    shown = table[_SETTING + list(PROTOCOL_COLUMNS.values()) + extra + ["baseline", "gain_fixed", "gain_fresh"]]
-    shown = shown.rename_axis(columns=None)  # no stray "protocol" header from the pivot
-    html = Markup(shown.to_html(index=False, escape=True, float_format=lambda v: f"{100 * v:.2f}",
-                                na_rep="–", classes="board", border=0))
-    sections = [ExtraSection(
-        title="Robust gain under fixed vs fresh randomness",
-        html=html,
-        text="Robust accuracy (%) per protocol: non-adaptive; BPDA; adaptive with fixed per-sample randomness "
-             "and exact gradients (fixed); adaptive EOT with fresh randomness (fresh; fresh_worst: correct on all "
-             "N re-draws). Gain = defense minus the "
-             "undefended classifier (Liu & Wei, arXiv 2505.22839).")]
-    for eps_text in sorted(set(table["eps_text"]), key=lambda e: Epsilon.parse(e).value):
-        points = scatter_points(table, records, eps_text=eps_text)
-        if not points:
-            continue
-        name = f"compression_vs_gain_{safe_stem(eps_text)}.png"
-        path, r = compression_scatter(points, Path(out_dir) / "figures" / name)
-        sections.append(ExtraSection(
-            title=f"Compression rate vs robust gain (fixed randomness, eps {eps_text})",
-            text=f"l_inf compression of random perturbations at radius {eps_text} with the purifier's noise "
-                 f"fixed, against the robust gain under the adaptive fixed-randomness attack at the same eps; "
-                 f"Pearson r = {r:.3f} over {len(points)} settings.",
-            images=(str(path.relative_to(Path(out_dir))),),
-            caption="Each point is one defense setting."))
-    return sections
+    if len(points) < 2 or xs.std() == 0 or ys.std() == 0:
+        return math.nan
+    return float(np.corrcoef(xs, ys)[0, 1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from harness.core.artifacts import ArtifactCache
@@ -55,8 +56,20 @@ def save_classifier(model: nn.Module, arch: str, num_classes: int, path: str | o
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"arch": arch, "num_classes": str(num_classes)})
+    metadata = {"num_classes": str(num_classes), "arch": arch}
+    path.write_bytes(_in_order(save(state, metadata=metadata), metadata))
     return path
+
+
+def _in_order(blob: bytes, metadata: dict[str, str]) -> bytes:
+    """``blob`` (a safetensors file) with its metadata in the order of ``metadata``. safetensors writes
+    it in hash order, which differs from call to call, but one model must give one file, hence one
+    classifier id (``num_classes`` first, the order of the files behind release 0.1.0's key fixture)."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return blob[:8] + text.ljust(size) + blob[8 + size:]
 
 
 def classifier_recipe(preset: str, dataset: DatasetInfo, train_fingerprint: str, seed: int) -> dict[str, Any]:

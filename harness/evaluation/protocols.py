@@ -91,6 +91,10 @@ class Protocol(ABC):
 
 
 class NonAdaptive(Protocol):
+    """The attacker ignores the defense: adversarial examples are crafted against the base classifier
+    alone, then evaluated on the full defense. Weakest tier; an upper bound on robust accuracy, not a
+    security claim."""
+
     name = "non-adaptive"
     label = "Non-adaptive"
     tier = "non-adaptive: attack the bare classifier, then purify"
@@ -103,6 +107,10 @@ class NonAdaptive(Protocol):
 
 
 class AdaptiveFixed(Protocol):
+    """Adaptive attack with exact gradients through the whole defense; a stochastic defense is attacked
+    with its randomness fixed per sample (the fixed-randomness protocol of Liu & Wei), which makes it a
+    deterministic function."""
+
     name = "adaptive"
     label = "Adaptive (exact)"
     tier = "adaptive: attack the whole defense, exact gradients, fixed randomness"
@@ -125,6 +133,10 @@ def _batch_seed(seed: int, purpose: str, indices: torch.Tensor) -> int:
 
 
 class AdaptiveEOT(Protocol):
+    """Adaptive attack on a stochastic defense with fresh random draws on every call; gradients are
+    averaged over draws (Expectation over Transformation), and the evaluation redraws too (worst-of-N
+    recorded per sample)."""
+
     name = "adaptive-eot"
     label = "Adaptive (EOT)"
     paper = "Athalye et al., ICML 2018 (EOT); DiffHammer, Wang et al. 2024 (worst-of-N)"
@@ -158,6 +170,9 @@ class AdaptiveEOT(Protocol):
 
 
 class BPDA(Protocol):
+    """Adaptive attack on the full defense, with the purifier replaced by the identity on the backward
+    pass (BPDA, Athalye et al. 2018)."""
+
     name = "bpda"
     label = "Adaptive (BPDA)"
     paper = "Athalye et al., ICML 2018"

@@ -2,7 +2,7 @@
 finished cells aggregated over seeds.
 
 Accuracies stay fractions in ``[0, 1]`` here; the renderers turn them into percent. Also the shared
-vocabulary of the renderers: what each protocol means, data-source labels, safe file stems.
+vocabulary of the renderers: data-source labels, safe file stems, which defenses are baselines.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 from sqlalchemy.engine import Engine
 
+from harness.core.entry import Role
 from harness.results.queries import cells_with_runs
 from harness.results.schema import Cell, Run
 
-__all__ = ["CELL_COLUMNS", "SEED_GROUP_KEYS", "NON_KEY_CONFIG", "PROTOCOLS", "protocol_info",
-           "data_label", "safe_stem", "cells_frame", "done_cells", "aggregate_seeds", "match_reported", "canonical_json"]
+__all__ = ["CELL_COLUMNS", "SEED_GROUP_KEYS", "NON_KEY_CONFIG", "data_label", "safe_stem", "cells_frame",
+           "done_cells", "baseline_defenses", "aggregate_seeds", "match_reported", "canonical_json"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _CELL_FIELDS = ("run_id", "defense", "defense_version", "preset", "classifier", 
                 "avg_acc", "seconds", "error", "started_at", "finished_at")
 _RUN_FIELDS = ("git_commit", "git_dirty", "harness_version", "device", "host", "started_at",
                "finished_at", "status", "command", "packages")
-_ENTRY_FIELDS = ("name", "version", "kind", "paper", "citation", "stochastic", "differentiable")
+_ENTRY_FIELDS = ("name", "version", "kind", "role", "paper", "citation", "stochastic", "differentiable")
 
 #: Columns of :func:`cells_frame` (``metric_<name>`` columns follow, one per numeric metric).
 CELL_COLUMNS: tuple[str, ...] = (
@@ -50,30 +51,6 @@ SEED_GROUP_KEYS: tuple[str, ...] = (
 #: Config keys that describe a cell rather than define it (left out of ``setting``).
 NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "protocol_note", "classifier_provenance", "data_source",
                   "defense_provenance")
-
-
-#: Protocol field value -> (tier label, what it means). Unknown protocols are shown as-is.
-PROTOCOLS: dict[str, tuple[str, str]] = {
-    "non-adaptive": ("Non-adaptive", "The attacker ignores the defense: adversarial examples are "
-                     "crafted against the base classifier alone, then evaluated on the full defense. "
-                     "Weakest tier; an upper bound on robust accuracy, not a security claim."),
-    "bpda": ("Adaptive (BPDA)", "Adaptive attack on the full defense, with non-differentiable parts "
-             "replaced by a differentiable approximation on the backward pass (BPDA, Athalye et al. "
-             "2018)."),
-    "adaptive": ("Adaptive (exact)", "Adaptive attack with exact gradients through the whole defense; "
-                 "a stochastic defense is attacked with its randomness fixed per sample (the "
-                 "fixed-randomness protocol of Liu & Wei), which makes it a deterministic function."),
-    "adaptive-exact": ("Adaptive (exact)", "Same as \"adaptive\": exact gradients through the whole "
-                       "defense with its randomness fixed per sample."),
-    "adaptive-eot": ("Adaptive (EOT)", "Adaptive attack on a stochastic defense with fresh random "
-                     "draws on every call; gradients are averaged over draws (Expectation over "
-                     "Transformation)."),
-}
-
-
-def protocol_info(protocol: str) -> tuple[str, str]:
-    """(tier label, description) of a protocol; unknown ones get their own name and no description."""
-    return PROTOCOLS.get(protocol, (protocol, "Protocol not described by this harness version."))
 
 
 def data_label(source: str) -> str:
@@ -155,6 +132,21 @@ def done_cells(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"] == "done"].copy()
 
 
+def baseline_defenses(cells: pd.DataFrame,
+                      installed: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> set[str]:
+    """The defenses whose role is ``baseline``: as stored with their cells, or, for cells stored
+    without a role (harness 0.1), as the installed entry of the same name and version declares it
+    (``installed`` as :func:`harness.report.writer.installed_entries` gives it)."""
+    installed = installed or {}
+    names = set()
+    for name, version, role in zip(cells["defense"], cells["defense_version"], cells["entry_role"]):
+        if not isinstance(role, str) or not role:  # None, or NaN in a frame without any role
+            role = (installed.get((name, version)) or {}).get("role")
+        if role == Role.BASELINE.value:
+            names.add(name)
+    return names
+
+
 def _mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1; ``None`` with fewer than two values)."""
     nums = [float(v) for v in values if v is not None and _is_number(v) and not math.isnan(v)]
@@ -192,20 +184,12 @@ def _norm(text: Any) -> str:
     return "".join(ch for ch in str(text or "").lower() if ch.isalnum())
 
 
-def _attack_setting(attack: str) -> str | None:
-    """``"non-adaptive"`` / ``"adaptive"`` when a reported attack's text says which, else ``None``."""
-    text = str(attack or "").lower()
-    if "non-adaptive" in text or "nonadaptive" in text:
-        return "non-adaptive"
-    return "adaptive" if any(word in text for word in ("adaptive", "eot", "bpda")) else None
+def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_text: str, protocol: str,
+                   classifier: str = "", attack_label: str = "") -> dict[str, Any] | None:
+    """The entry's reported number for this dataset/threat/eps and protocol, or ``None``.
 
-
-def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_text: str,
-                   classifier: str = "", attack_label: str = "", protocol: str = "") -> dict[str, Any] | None:
-    """The entry's reported number for this dataset/threat/eps, or ``None``.
-
-    A number reported for a non-adaptive attack is never matched with an adaptive cell, nor the
-    reverse (when the reported attack text says which it is).
+    A reported number (:meth:`harness.core.entry.Reported.describe`) matches only cells of the
+    protocol it names as its ``tier``; one without a tier (stored by harness 0.1) matches none.
 
     Reported eps is text (``"8/255"``); it matches the cell's text or, within 0.5 %, its value (papers
     round ``8/255`` to ``0.031``-ish decimals). Among several matches, one whose classifier and then
@@ -223,8 +207,7 @@ def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_
         if str(item.get("eps", "")).strip() != eps_text and (
                 value is None or not math.isclose(value, eps, rel_tol=5e-3)):
             continue
-        setting = _attack_setting(item.get("attack"))
-        if protocol and setting and setting != ("non-adaptive" if protocol == "non-adaptive" else "adaptive"):
+        if item.get("tier") != protocol:
             continue
         score = 2 * (bool(item.get("classifier")) and _norm(item.get("classifier")) == _norm(classifier))
         score += _norm(item.get("attack")) == _norm(attack_label)
@@ -239,14 +222,17 @@ def aggregate_seeds(done: pd.DataFrame,
 
     Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg}_{mean,std}`` (fractions; std is the
     sample std over seeds, ``None`` for one seed), ``metric_stats`` ({name: (mean, std)}),
-    ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell)
-    and ``reported`` (see :func:`match_reported`). ``current_reported`` maps (defense, version) of
-    installed entries to their reported numbers, which take precedence over those stored with the
-    cells (so a corrected citation shows without recomputing anything).
+    ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell),
+    ``protocol_note`` (its ``config["protocol_note"]``: which other protocols the cell answers, for an
+    entry without a purifier), ``own_network`` (whether ``classifier`` is the entry's own network
+    rather than the run's base classifier) and ``reported`` (see :func:`match_reported`).
+    ``current_reported`` maps (defense, version) of installed entries to their reported numbers, which
+    take precedence over those stored with the cells (so a corrected citation, or the tier that numbers
+    stored by harness 0.1 lack, shows without recomputing anything).
     """
     columns = list(SEED_GROUP_KEYS) + [
         "seeds", "seed_list", "clean_mean", "clean_std", "robust_mean", "robust_std", "avg_mean",
-        "avg_std", "metric_stats", "provenance", "entry", "reported"]
+        "avg_std", "metric_stats", "provenance", "entry", "protocol_note", "own_network", "reported"]
     if done.empty:
         return pd.DataFrame(columns=columns)
     metric_cols = [c for c in done.columns if c.startswith("metric_")]
@@ -263,11 +249,14 @@ def aggregate_seeds(done: pd.DataFrame,
         records = group.to_dict("records")
         row["provenance"] = [_provenance(r) for r in records]
         newest = max(records, key=lambda r: r["cell_id"])
-        entry = newest["config"].get("entry") if isinstance(newest["config"], dict) else None
-        row["entry"] = entry if isinstance(entry, dict) else {}
+        config = newest["config"] if isinstance(newest["config"], dict) else {}
+        row["entry"] = config["entry"] if isinstance(config.get("entry"), dict) else {}
+        row["protocol_note"] = str(config.get("protocol_note") or "")
+        provenance = config.get("classifier_provenance")
+        row["own_network"] = isinstance(provenance, dict) and provenance.get("source") == "entry"
         reported = (current_reported or {}).get((row["defense"], row["defense_version"]),
                                                 row["entry"].get("reported"))
-        defense_config = newest["config"].get("defense") if isinstance(newest["config"], dict) else None
+        defense_config = config.get("defense")
         if isinstance(defense_config, dict) and defense_config.get("train_dataset"):
             reported = None  # papers report in-domain numbers; a transferred purifier has none to show
         row["reported"] = match_reported(

@@ -1,8 +1,10 @@
-"""The HTML leaderboard: ``index.html`` rendered with Jinja2 from ``templates/leaderboard.html.j2``.
+"""The HTML leaderboard: ``index.html`` rendered with Jinja2 from ``leaderboard.html.j2``.
 
-Autoescaping is on, so everything a plugin supplies (defense names, papers, citations, config
-strings) is escaped. Only :class:`ExtraSection` ``html`` given as :class:`markupsafe.Markup` is
-inserted verbatim: wrap content in ``Markup`` only after escaping whatever untrusted text it holds.
+The templates ship with harness as the package ``harness.templates`` (the repository's top-level
+``templates/`` folder); a folder given as ``templates`` overrides any of them by name. Autoescaping is
+on, so everything a plugin supplies (defense names, papers, citations, config strings) is escaped.
+Only :class:`ExtraSection` ``html`` given as :class:`markupsafe.Markup` is inserted verbatim: wrap
+content in ``Markup`` only after escaping whatever untrusted text it holds.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import BaseLoader, ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 import harness
-from harness.report.frame import PROTOCOLS, protocol_info, safe_stem
+from harness.core.errors import UsageError
+from harness.report.frame import safe_stem
+from harness.report.protocols import known_protocols, protocol_info, protocol_rank
 from harness.report.tables import Column, LeaderTable, Num, Row
 
-__all__ = ["ExtraSection", "templates_dir", "environment", "render_html", "write_html"]
+__all__ = ["ExtraSection", "TEMPLATES_PACKAGE", "frame_html", "environment", "render_html", "write_html"]
+
+#: The package holding the shipped templates.
+TEMPLATES_PACKAGE = "harness.templates"
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +48,22 @@ class ExtraSection:
     caption: str = ""
 
 
-def templates_dir() -> Path:
-    """The repository's top-level ``templates/`` directory."""
-    return Path(harness.__file__).resolve().parent.parent / "templates"
+def frame_html(table: pd.DataFrame, float_format: Callable[[float], str] | None = None) -> Markup:
+    """``table`` as an HTML table in the leaderboard's style, for an :class:`ExtraSection`; pandas
+    escapes every cell."""
+    return Markup(table.to_html(index=False, escape=True, float_format=float_format, na_rep="–",
+                                classes="board", border=0))
 
 
-def environment() -> Environment:
-    """A Jinja2 environment over :func:`templates_dir` with autoescaping on."""
-    directory = templates_dir()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"harness templates not found at {directory}")
-    return Environment(loader=FileSystemLoader(directory), autoescape=True, undefined=StrictUndefined,
+def environment(templates: Path | None = None) -> Environment:
+    """A Jinja2 environment (autoescaping on) over the shipped templates, with those in the folder
+    ``templates`` taking precedence by name."""
+    loader: BaseLoader = PackageLoader(TEMPLATES_PACKAGE, "")
+    if templates is not None:
+        if not Path(templates).is_dir():
+            raise UsageError(f"templates folder {str(templates)!r} does not exist")
+        loader = ChoiceLoader([FileSystemLoader(templates), loader])
+    return Environment(loader=loader, autoescape=True, undefined=StrictUndefined,
                        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 
 
@@ -100,8 +112,7 @@ def _cell_view(col: Column, row: Row, table: LeaderTable, tid: str) -> dict[str,
         if row.ref:
             cell.update(main=f"[{row.ref}]", sort=str(row.ref), href=f"#{tid}-ref{row.ref}")
     elif col.key == "protocol":
-        order = list(PROTOCOLS).index(value) if value in PROTOCOLS else len(PROTOCOLS)
-        cell.update(main=str(value), sort=f"{order}", title=f"{label}: {desc}")
+        cell.update(main=str(value), sort=str(protocol_rank(row.protocol)[0]), title=f"{label}: {desc}")
     else:
         cell["main"] = cell["sort"] = "" if value is None else str(value)
         if col.key == "defense":
@@ -117,7 +128,8 @@ def _table_view(table: LeaderTable, index: int) -> dict[str, Any]:
                 "title_attr": "Number printed in the paper, not measured by harness" if c.reported else ""}
                for c in table.columns]
     rows = [{"cells": [_cell_view(c, row, table, tid) for c in table.columns], "protocol": row.protocol,
-             "tier": safe_stem(row.protocol), "provenance": _provenance_view(row.provenance)}
+             "tier": safe_stem(row.protocol), "note": row.note,
+             "provenance": _provenance_view(row.provenance)}
             for row in table.rows]
     return {"id": tid, "title": table.title, "notes": table.notes, "columns": columns, "rows": rows,
             "references": table.references, "legend": _legend(table.protocols)}
@@ -157,19 +169,20 @@ def _unfinished_view(cells: pd.DataFrame) -> dict[str, Any]:
 
 
 def render_html(tables: Sequence[LeaderTable], cells: pd.DataFrame, *,
-                extra_sections: Sequence[ExtraSection] = (),
-                generated_at: dt.datetime | None = None) -> str:
+                extra_sections: Sequence[ExtraSection] = (), generated_at: dt.datetime | None = None,
+                templates: Path | None = None) -> str:
     """The leaderboard page as a string.
 
     ``cells`` is :func:`harness.report.frame.cells_frame` (all statuses: unfinished ones are counted
-    and listed); ``tables`` come from :func:`harness.report.tables.build_tables`.
+    and listed); ``tables`` come from :func:`harness.report.tables.build_tables`; ``templates`` is a
+    folder whose templates override the shipped ones (see :func:`environment`).
     """
     generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     commits = sorted({str(c) for c in cells.get("run_git_commit", pd.Series(dtype=object)).dropna() if c})
+    known = known_protocols()
     used = {p for t in tables for p in t.protocols}
-    legend = _legend([p for p in PROTOCOLS if p in used or p != "adaptive-exact"]
-                     + sorted(used - set(PROTOCOLS)))
-    template = environment().get_template("leaderboard.html.j2")
+    legend = _legend(known + sorted(used - set(known), key=protocol_rank))
+    template = environment(templates).get_template("leaderboard.html.j2")
     return template.render(
         title="harness leaderboard", harness_version=harness.__version__,
         generated_at=generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -11,16 +11,12 @@ returns the sections for :func:`harness.report.write_reports`' ``extra_sections`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from markupsafe import Markup  # noqa: E402
-
-from harness.report.html import ExtraSection  # noqa: E402
+from harness.report.figures import plt, save_figure
+from harness.report.html import ExtraSection, frame_html
 
 __all__ = ["QUALITY_METRICS", "quality_table", "color_shift_table", "corruption_frame", "transfer_table",
            "plot_color_shift", "plot_corruptions", "quality_sections"]
@@ -121,7 +117,7 @@ def plot_color_shift(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy under Reinhard colour shift")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_corruptions(frame: pd.DataFrame, path: Path) -> Path:
@@ -143,36 +139,25 @@ def plot_corruptions(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_xticks(range(6))
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _html(table: pd.DataFrame) -> Markup:
-    """``table`` as an HTML table; pandas escapes every cell."""
-    return Markup(table.to_html(index=False, escape=True, classes="board", border=0, na_rep="–"))
-
-
-def quality_sections(cells: pd.DataFrame, out_dir: Path) -> list[ExtraSection]:
-    """The sections that have data, with figures written under ``out_dir/figures``."""
+def quality_sections(cells: pd.DataFrame, out_dir: Path, *,
+                     baselines: Collection[str] = ()) -> list[ExtraSection]:
+    """The sections that have data, with figures written under ``out_dir/figures``; the transfer table
+    shows the ``baselines`` (defense names, see :func:`harness.report.frame.baseline_defenses`) too."""
     sections = []
     quality = quality_table(cells)
     if len(quality):
         sections.append(ExtraSection(
-            "Image quality of purified images (MAEP paper, Table 1)", html=_html(quality),
+            "Image quality of purified images (MAEP paper, Table 1)", html=frame_html(quality),
             text="PSNR (dB, identical images capped at 100) and SSIM of the purified image against the "
                  "clean image, for clean inputs and for the adversarial inputs of the cell."))
     shift = color_shift_table(cells)
     if len(shift):
         figure = plot_color_shift(shift, Path(out_dir) / "figures" / "color_shift.png")
         sections.append(ExtraSection(
-            "Accuracy drop under colour shift (MAEP paper, Tables 5-6)", html=_html(shift),
+            "Accuracy drop under colour shift (MAEP paper, Tables 5-6)", html=frame_html(shift),
             text="Accuracy (%) on the clean test data and on its Reinhard colour-transferred variant "
                  "('colored'); drop = clean - colored, in points.",
             images=(figure.relative_to(out_dir).as_posix(),), caption="Clean accuracy, clean vs colored data."))
@@ -185,11 +170,11 @@ def quality_sections(cells: pd.DataFrame, out_dir: Path) -> list[ExtraSection]:
             caption="Clean (solid) and robust (dashed) accuracy per defense and protocol."))
     transfer = transfer_table(cells)
     moved = transfer["train_dataset"] != transfer["dataset"]
-    if moved.any():  # the transferred purifiers, their in-domain rows and the undefended baseline
-        shown = transfer[transfer["defense"].isin(set(transfer.loc[moved, "defense"]) | {"none"})]
+    if moved.any():  # the transferred purifiers, their in-domain rows and the baselines
+        shown = transfer[transfer["defense"].isin(set(transfer.loc[moved, "defense"]) | set(baselines))]
         sections.append(ExtraSection("Defense transfer across datasets (MAEP paper, Tables 7-9)",
-                                     html=_html(shown), text="Accuracy (%) of purifiers trained on "
+                                     html=frame_html(shown), text="Accuracy (%) of purifiers trained on "
                                      "one dataset (train_dataset) and evaluated with a classifier on another "
-                                     "(dataset), beside the same purifiers in-domain and the undefended "
-                                     "classifier."))
+                                     "(dataset), beside the same purifiers in-domain and the baselines "
+                                     "(e.g. the undefended classifier)."))
     return sections

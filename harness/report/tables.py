@@ -16,14 +16,16 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from harness.report.frame import PROTOCOLS, canonical_json, data_label, protocol_info, safe_stem
 from harness.data.variants import VARIANT_SEPARATOR
+from harness.report.frame import canonical_json, data_label, safe_stem
+from harness.report.protocols import protocol_info, protocol_rank
 
-__all__ = ["PROTOCOLS", "Num", "Column", "Row", "LeaderTable", "protocol_info", "data_label",
-           "safe_stem", "build_tables", "to_markdown", "to_latex", "latex_escape", "markdown_escape",
-           "write_cells_csv"]
+__all__ = ["SAME_FUNCTION", "Num", "Column", "Row", "LeaderTable", "data_label", "safe_stem",
+           "build_tables", "to_markdown", "to_latex", "latex_escape", "markdown_escape", "write_cells_csv"]
 
-_PROTOCOL_ORDER = {name: i for i, name in enumerate(PROTOCOLS)}
+#: Marks the protocol of a row whose one cell also answers other protocols (an entry without a
+#: purifier attacks the same function under each); the table's notes explain it.
+SAME_FUNCTION = "†"
 _THREAT_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 _THREAT_TEXT = {"linf": "ℓ∞", "l2": "ℓ2"}
 _THREAT_ORDER = {"linf": 0, "l2": 1}
@@ -72,12 +74,14 @@ class Column:
 
 @dataclass
 class Row:
-    """One table row: display values by column key, plus the protocol, provenance and footnote."""
+    """One table row: display values by column key, plus the protocol, provenance, footnote and the
+    cell's protocol note (``config["protocol_note"]``: the other protocols it answers)."""
 
     values: dict[str, Any]
     protocol: str
     provenance: list[dict[str, Any]] = field(default_factory=list)
     ref: int | None = None
+    note: str = ""
 
 
 @dataclass
@@ -128,8 +132,10 @@ def _row_values(rec: Mapping[str, Any], metrics: list[str], ref: int | None) -> 
 def _one_table(group: pd.DataFrame) -> LeaderTable:
     first = group.iloc[0]
     group = group.assign(
-        _p=group["protocol"].map(lambda p: _PROTOCOL_ORDER.get(p, len(_PROTOCOL_ORDER))),
-        _d=group["defense"].str.lower(), data=group["data_source"].map(data_label))
+        _p=group["protocol"].map(lambda p: protocol_rank(p)[0]), _d=group["defense"].str.lower(),
+        data=group["data_source"].map(data_label),
+        classifier=[f"{c} (own network)" if own else c
+                    for c, own in zip(group["classifier"], group["own_network"])])
     group = group.sort_values(["_d", "defense_version", "classifier", "preset", "defense_options",
                                "variant", "data", "_p", "protocol", "attack_label", "n"], kind="stable")
     columns, notes = [Column("defense", "Defense")], []
@@ -148,6 +154,7 @@ def _one_table(group: pd.DataFrame) -> LeaderTable:
         notes.append("JPEG copy: evaluated on a JPEG-compressed copy of the test set (" +
                      "; ".join(s for s in sources if data_label(s) == "JPEG copy") +
                      "), not directly comparable with results on the original images")
+    notes += [f"{SAME_FUNCTION} {note}" for note in sorted(set(group["protocol_note"]) - {""})]
     columns += [Column("protocol", "Protocol"), Column("attack", "Attack"),
                 Column("clean", "Clean", True), Column("robust", "Robust", True),
                 Column("avg", "Avg", True), Column("n", "n", True), Column("seeds", "Seeds", True)]
@@ -164,8 +171,9 @@ def _one_table(group: pd.DataFrame) -> LeaderTable:
     rows = []
     for rec in group.to_dict("records"):
         ref = refs[_reference_text(rec["reported"])] if rec["reported"] else None
-        rows.append(Row(_row_values(rec, metrics, ref), rec["protocol"], rec["provenance"], ref))
-    protocols = sorted(set(group["protocol"]), key=lambda p: (_PROTOCOL_ORDER.get(p, 99), p))
+        rows.append(Row(_row_values(rec, metrics, ref), rec["protocol"], rec["provenance"], ref,
+                        rec["protocol_note"]))
+    protocols = sorted(set(group["protocol"]), key=protocol_rank)
     entries = {rec["defense"]: rec["entry"] for rec in group.to_dict("records")}
     return LeaderTable(
         dataset=str(first["dataset"]), threat=str(first["threat"]), eps_text=str(first["eps_text"]),
@@ -209,23 +217,27 @@ def markdown_escape(text: Any) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "[": "{[}", "]": "{]}", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+                  "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+                  SAME_FUNCTION: r"\textdagger{}"}
 
 
 def latex_escape(text: Any) -> str:
     """Escape LaTeX special characters in plugin-supplied text."""
-    out = re.sub(r"[\\&%$#_{}~^<>\[\]]", lambda m: _LATEX_SPECIAL[m.group()], str(text))
+    out = re.sub(rf"[\\&%$#_{{}}~^<>\[\]{SAME_FUNCTION}]", lambda m: _LATEX_SPECIAL[m.group()], str(text))
     return out.replace("\n", " ")
 
 
 def _display_frame(table: LeaderTable, escape: Callable[[Any], str], pm: str,
                    missing: str) -> pd.DataFrame:
     """The table's cells as display strings (plugin text through ``escape``), headed by titles."""
-    def text(key: str, value: Any) -> str:
+    def text(key: str, row: Row) -> str:
+        value = row.values.get(key)
         if isinstance(value, Num):
             return value.text(pm, missing)
+        if key == "protocol" and row.note:
+            return escape(f"{value} {SAME_FUNCTION}")
         return str(value) if key == "ref" else escape("" if value is None else value)
-    return pd.DataFrame([[text(c.key, r.values.get(c.key)) for c in table.columns] for r in table.rows],
+    return pd.DataFrame([[text(c.key, r) for c in table.columns] for r in table.rows],
                         columns=[escape(c.title) for c in table.columns])
 
 

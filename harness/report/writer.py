@@ -21,10 +21,11 @@ from sqlalchemy.engine import Engine
 
 import harness
 
-from harness.report.frame import aggregate_seeds, cells_frame, done_cells
+from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
 from harness.report.html import ExtraSection, render_html
-from harness.report.tables import LeaderTable, build_tables, to_latex, to_markdown, write_cells_csv
 from harness.report.quality import quality_sections
+from harness.report.randomness import randomness_sections
+from harness.report.tables import LeaderTable, build_tables, to_latex, to_markdown, write_cells_csv
 
 __all__ = ["FORMATS", "write_reports"]
 
@@ -67,17 +68,6 @@ def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version
     return "\n".join(head) + "\n\n" + "\n".join(to_markdown(t) for t in tables)
 
 
-def _randomness_sections(engine: Engine, cells, out_dir: Path) -> list[ExtraSection]:
-    """The fixed-vs-fresh randomness table and the compression scatter (Liu & Wei, arXiv 2505.22839),
-    from the cells and the analysis records (of `harness analyse fixed-randomness`) in the same DB."""
-    from harness.analysis.gains import gain_table, load_records, report_sections, worst_of_n_accuracy
-
-    if cells.empty:
-        return []
-    table = gain_table(cells, worst_of_n=worst_of_n_accuracy(engine))
-    return report_sections(table, load_records(engine), out_dir)
-
-
 def installed_entries() -> dict[tuple[str, str], dict[str, Any]]:
     """The metadata (:meth:`DefenseEntry.describe`) of the installed entries, by (name, version), for
     ``write_reports(installed=...)``: their reported numbers and roles override what old cells stored."""
@@ -96,8 +86,10 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     Only finished cells are ranked; seeds of the same setting are aggregated (mean ± sample std).
     ``formats`` may also be a comma-separated string. ``extra_sections`` are appended to the HTML
     page. ``installed`` (see :func:`installed_entries`) overrides the reported numbers stored with the
-    cells; ``templates`` is a folder of templates that override the shipped ones. An empty store gives a page saying so. Stale ``tables/*.md|.tex`` from an earlier report
-    are removed; ``generated_at`` (default: now) is shown as UTC.
+    cells and gives the roles (which defenses are baselines) of cells stored without one;
+    ``templates`` is a folder of templates that override the shipped ones. An empty store gives a page
+    saying so. Stale ``tables/*.md|.tex`` from an earlier report are removed; ``generated_at``
+    (default: now) is shown as UTC.
     """
     if isinstance(formats, str):  # "md,html" from a command line
         formats = [f.strip() for f in formats.split(",") if f.strip()]
@@ -127,9 +119,11 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     if "csv" in formats:
         written.append(write_cells_csv(cells, out_dir / "cells.csv"))
     if "html" in formats:
-        extra_sections = [*quality_sections(cells, out_dir), *_randomness_sections(engine, cells, out_dir),
-                          *extra_sections]
-        page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at)
+        baselines = baseline_defenses(cells, installed)
+        extra_sections = [*quality_sections(cells, out_dir, baselines=baselines),
+                          *randomness_sections(engine, cells, out_dir, baselines), *extra_sections]
+        page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at,
+                           templates=templates)
         written.append(_write_text(out_dir / "index.html", page))
     for path in written:
         log.debug("wrote %s", path)

@@ -1,0 +1,3 @@
+"""A plugin whose module fails on import."""
+
+raise RuntimeError("broken on purpose")
