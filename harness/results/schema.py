@@ -1,8 +1,10 @@
 """The tables of the results store (SQLAlchemy 2.0): runs, cells, per-sample results and analyses.
 
 Analysis records (e.g. ``harness analyse fixed-randomness``) are rows of :class:`Analysis`, keyed by a
-hash of their kind and configuration, with the provenance of the run that produced them. Every query
-lives in :mod:`harness.results.queries`; :mod:`harness.results.database` opens a store.
+hash of their kind and configuration, with the provenance of the run that produced them. A
+:class:`Claim` says which process is computing a cell (its heartbeat expires the claim of a dead one);
+:class:`StoreInfo` holds the schema version. Every query lives in :mod:`harness.results.queries`;
+:mod:`harness.results.database` opens a store.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: the version of these tables; a store written by a newer harness has a larger one
+SCHEMA_VERSION = 2
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -108,3 +114,22 @@ class Analysis(Base):
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     run: Mapped[Run | None] = relationship(back_populates="analyses")
+
+
+class Claim(Base):
+    """A cell being computed: by ``owner`` (host, pid and a random token), alive while ``heartbeat_at``
+    is recent. A cell is claimed before it is computed, so two processes never compute it twice."""
+
+    __tablename__ = "claims"
+    cell_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    claimed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class StoreInfo(Base):
+    """Facts about the store itself, e.g. ``schema_version`` (text values)."""
+
+    __tablename__ = "store_info"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
