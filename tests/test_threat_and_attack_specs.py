@@ -30,7 +30,7 @@ def test_attack_specs():
     attack = build_attack(spec, ThreatModel("linf", Epsilon.parse("8/255")))
     assert attack.label() == "PGD-50xEOT4"
     assert parse_attack_spec("autoattack:version=rand")["version"] == "rand"
-    with pytest.raises(UsageError, match="apgd-ce, autoattack, pgd"):
+    with pytest.raises(UsageError, match="apgd-ce, apgd-dlr, apgd-t, autoattack, fab-t, pgd, square"):
         parse_attack_spec("fgsm")
     with pytest.raises(UsageError, match="bad options"):
         build_attack({"name": "pgd", "stepz": 3}, ThreatModel("linf", Epsilon.parse("8/255")))

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 from harness.attacks.autoattack import AutoAttackAdapter
 from harness.attacks.base import Attack
+from harness.attacks.library import APGDCE, APGDDLR, APGDT, FABT, Square
 from harness.attacks.pgd import PGD
 from harness.core.errors import UsageError
 from harness.core.registry import Registry
@@ -28,10 +29,6 @@ def _describe(factory: AttackFactory) -> tuple[str, str]:
     return getattr(factory, "summary", "") or (doc[0] if doc else ""), getattr(factory, "paper", "")
 
 
-def _apgd_ce(threat: ThreatModel, **options: Any) -> Attack:
-    return AutoAttackAdapter(threat, version="apgd-ce", **options)
-
-
 _registry: Registry[AttackFactory] | None = None
 
 
@@ -45,8 +42,8 @@ def attack_registry() -> Registry[AttackFactory]:
                      paper="Madry et al., ICLR 2018; EOT: Athalye et al., ICML 2018")
         registry.add("autoattack", AutoAttackAdapter, summary="AutoAttack through the autoattack library: "
                      "autoattack[:version=standard|rand]", paper="Croce & Hein, ICML 2020")
-        registry.add("apgd-ce", _apgd_ce, summary="APGD with cross-entropy loss (the autoattack library's "
-                     "custom version)", paper="Croce & Hein, ICML 2020")
+        for attack in (APGDCE, APGDDLR, APGDT, FABT, Square):
+            registry.add(attack.name, attack, summary=attack.summary, paper=attack.paper)
         _registry = registry
     return _registry
 

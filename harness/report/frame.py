@@ -220,8 +220,9 @@ def aggregate_seeds(done: pd.DataFrame,
                     current_reported: Mapping[tuple[str, str], Any] | None = None) -> pd.DataFrame:
     """Finished cells grouped over seeds: one row per :data:`SEED_GROUP_KEYS` combination.
 
-    Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg}_{mean,std}`` (fractions; std is the
-    sample std over seeds, ``None`` for one seed), ``metric_stats`` ({name: (mean, std)}),
+    Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg,best}_{mean,std}`` (fractions; std is the
+    sample std over seeds, ``None`` for one seed; ``best`` is the best-known robust accuracy when ``done``
+    has ``best_known_acc``, with the attacks it is the worst case over in ``best_attacks``), ``metric_stats`` ({name: (mean, std)}),
     ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell),
     ``protocol_note`` (its ``config["protocol_note"]``: which other protocols the cell answers, for an
     entry without a purifier), ``own_network`` (whether ``classifier`` is the entry's own network
@@ -232,7 +233,7 @@ def aggregate_seeds(done: pd.DataFrame,
     """
     columns = list(SEED_GROUP_KEYS) + [
         "seeds", "seed_list", "clean_mean", "clean_std", "robust_mean", "robust_std", "avg_mean",
-        "avg_std", "metric_stats", "provenance", "entry", "protocol_note", "own_network", "reported"]
+        "avg_std", "best_mean", "best_std", "best_attacks", "metric_stats", "provenance", "entry", "protocol_note", "own_network", "reported"]
     if done.empty:
         return pd.DataFrame(columns=columns)
     metric_cols = [c for c in done.columns if c.startswith("metric_")]
@@ -242,8 +243,11 @@ def aggregate_seeds(done: pd.DataFrame,
         row: dict[str, Any] = dict(zip(SEED_GROUP_KEYS, keys))
         row["seeds"] = len(group)
         row["seed_list"] = [int(s) for s in group["seed"]]
-        for name, col in (("clean", "clean_acc"), ("robust", "robust_acc"), ("avg", "avg_acc")):
-            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(group[col].tolist())
+        for name, col in (("clean", "clean_acc"), ("robust", "robust_acc"), ("avg", "avg_acc"),
+                          ("best", "best_known_acc")):
+            values = group[col].tolist() if col in group else []
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values) if values else (None, None)
+        row["best_attacks"] = sorted({a for attacks in group.get("best_known_attacks", []) for a in attacks})
         row["metric_stats"] = {c[len("metric_"):]: _mean_std(group[c].tolist()) for c in metric_cols
                                if group[c].notna().any()}
         records = group.to_dict("records")

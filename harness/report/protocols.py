@@ -30,7 +30,7 @@ def _description(protocol: type[Protocol]) -> str:
     """The class's own docstring (else its ``tier``), and its paper."""
     own = protocol.__dict__.get("__doc__")
     text = inspect.cleandoc(own).split("\n\n")[0].replace("\n", " ") if own else protocol.tier
-    return f"{text}. Paper: {protocol.paper}." if protocol.paper else text
+    return f"{text.rstrip('.')}. Paper: {protocol.paper}." if protocol.paper else text
 
 
 def protocol_info(name: str) -> tuple[str, str]:

@@ -17,10 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import pandas as pd
 from sqlalchemy.engine import Engine
 
 import harness
 
+from harness.analysis.best_known import best_known
+from harness.results.queries import done_samples
 from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
 from harness.report.html import ExtraSection, render_html
 from harness.report.quality import quality_sections
@@ -68,6 +71,16 @@ def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version
     return "\n".join(head) + "\n\n" + "\n".join(to_markdown(t) for t in tables)
 
 
+def with_best_known(done: pd.DataFrame, samples) -> pd.DataFrame:
+    """``done`` with ``best_known_acc`` and ``best_known_attacks`` (the attack labels of its setting):
+    the per-sample worst case over every attack stored for each cell's setting."""
+    if done.empty:
+        return done.assign(best_known_acc=pd.Series(dtype=float), best_known_attacks=pd.Series(dtype=object))
+    known = best_known(done.to_dict("records"), samples)
+    return done.assign(best_known_acc=[known[k].accuracy for k in done["cell_key"]],
+                       best_known_attacks=[sorted(set(known[k].attacks.values())) for k in done["cell_key"]])
+
+
 def installed_entries() -> dict[tuple[str, str], dict[str, Any]]:
     """The metadata (:meth:`DefenseEntry.describe`) of the installed entries, by (name, version), for
     ``write_reports(installed=...)``: their reported numbers and roles override what old cells stored."""
@@ -101,7 +114,7 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     stamp = generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     cells = cells_frame(engine)
-    done = done_cells(cells)
+    done = with_best_known(done_cells(cells), done_samples(engine))
     current_reported = {k: v.get("reported", []) for k, v in (installed or {}).items()}
     tables = build_tables(aggregate_seeds(done, current_reported))
     log.info("%d cells (%d finished) -> %d tables", len(cells), len(done), len(tables))

@@ -14,8 +14,8 @@ from harness.core.keys import content_hash
 from harness.results.schema import Analysis, Cell, Run, SampleResult, utcnow
 
 __all__ = ["find_cell", "done_indices", "reset_cell", "add_samples", "sample_outcomes", "finish_cell", "new_run",
-           "finish_run", "list_cells", "cells_with_runs", "eot_sample_extras", "analysis_key", "save_analysis",
-           "load_analyses", "rekey_analyses"]
+           "finish_run", "list_cells", "cells_with_runs", "eot_sample_extras", "done_samples", "analysis_key",
+           "save_analysis", "load_analyses", "rekey_analyses"]
 
 
 # -- cells and samples ------------------------------------------------------------------------------
@@ -81,6 +81,14 @@ def eot_sample_extras(engine: Engine, protocol: str) -> list[tuple[str, int, int
         return [tuple(row) for row in session.execute(
             select(Cell.key, SampleResult.label, SampleResult.clean_pred, SampleResult.extra)
             .join(SampleResult, SampleResult.cell_id == Cell.id).where(Cell.protocol == protocol)).all()]
+
+
+def done_samples(engine: Engine) -> list[tuple[str, int, int, int, int]]:
+    """``(cell key, index, label, clean_pred, adv_pred)`` of every sample of every finished cell."""
+    with Session(engine) as session:
+        return [tuple(row) for row in session.execute(
+            select(Cell.key, SampleResult.index, SampleResult.label, SampleResult.clean_pred, SampleResult.adv_pred)
+            .join(SampleResult, SampleResult.cell_id == Cell.id).where(Cell.status == "done")).all()]
 
 
 # -- runs -------------------------------------------------------------------------------------------
