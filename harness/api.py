@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 OUTCOME_COLUMNS = ("key", "defense", "train_dataset", "variant", "protocol", "answers", "attack", "eps", "seed",
-                   "clean_acc", "robust_acc", "status")
+                   "clean_acc", "robust_acc", "status", "error", "note")
 
 
 def module_entry(model: nn.Module, name: str | None = None) -> DefenseEntry:
@@ -95,7 +95,10 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
     """Evaluate a model, an entry or a registered defense name (or a list of them) on every cell of the
     grid (eps x attacks x protocols x seeds x variants), storing the cells in ``db`` (a path, a
     SQLAlchemy URL or an engine; default ``$HARNESS_DB`` or ``./results.db``). Cells already stored are
-    not recomputed. Returns one row per cell (:data:`OUTCOME_COLUMNS`; accuracies in [0, 1]).
+    not recomputed. Returns one row per cell (:data:`OUTCOME_COLUMNS`; accuracies in [0, 1]). A cell that
+    raised has status ``failed`` and its ``error`` (the rest of the grid still runs); one another process
+    computed is ``skipped`` with a ``note``. SIGINT stops at a batch boundary and raises
+    :class:`~harness.evaluation.runner.Interrupted` (a ``KeyboardInterrupt``); calling again resumes.
 
     An ``nn.Module`` maps images in [0, 1] to logits and is evaluated as a classifier of its own, named
     ``name`` (default: its class name). ``classifier`` is the base classifier of purifier entries.
@@ -115,6 +118,8 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
     outcomes = run_grid(request, engine, registry)
     rows = [{"key": o.key, "defense": o.defense, "train_dataset": o.train_dataset, "variant": o.variant,
              "protocol": o.protocol, "answers": ",".join(o.requested), "attack": o.attack, "eps": o.eps,
-             "seed": o.seed, "clean_acc": o.clean_acc, "robust_acc": o.robust_acc, "status": o.status}
+             "seed": o.seed, "clean_acc": o.clean_acc, "robust_acc": o.robust_acc, "status": o.status,
+             "error": o.error, "note": o.note}
             for o in outcomes]
-    return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
+    # nullable ints: an entry that failed before its cells could be planned has no seed
+    return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS)).astype({"seed": "Int64"})

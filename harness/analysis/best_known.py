@@ -38,10 +38,10 @@ class BestKnown:
 
 
 def best_known(cells: Iterable[Mapping[str, Any]],
-               samples: Iterable[tuple[str, int, int, int, int]]) -> dict[str, BestKnown]:
+               samples: Iterable[tuple[Any, ...]]) -> dict[str, BestKnown]:
     """Cell key -> the :class:`BestKnown` of its setting, for finished ``cells`` (mappings with
     ``cell_key``, ``config`` and ``attack_label``) and their ``samples`` (``(cell key, index, label,
-    clean_pred, adv_pred)``, as :func:`harness.results.queries.done_samples` gives them)."""
+    clean_pred, adv_pred, ...)``, as :func:`harness.results.queries.done_samples` gives them)."""
     settings: dict[str, dict[str, str]] = defaultdict(dict)  # setting -> {cell key: attack label}
     of_cell: dict[str, str] = {}
     for cell in cells:
@@ -50,7 +50,7 @@ def best_known(cells: Iterable[Mapping[str, Any]],
         of_cell[cell["cell_key"]] = key
     outcome: dict[str, dict[int, dict[str, bool]]] = defaultdict(lambda: defaultdict(dict))
     clean_ok: dict[str, dict[int, bool]] = defaultdict(dict)
-    for cell_key, index, label, clean, adv in samples:
+    for cell_key, index, label, clean, adv, *_ in samples:
         if cell_key not in of_cell:
             continue
         setting = of_cell[cell_key]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from harness.attacks.base import Attack, Target
+from harness.core.registry import suggest
 from harness.core.threat import ThreatModel
 
 VERSIONS = ("standard", "rand", "apgd-ce")
@@ -39,8 +40,11 @@ class AutoAttackAdapter(Attack):
 
     def __init__(self, threat: ThreatModel, version: str = "standard", batch_size: int = 256):
         super().__init__(threat)
-        if version not in VERSIONS:
-            raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+        if not isinstance(version, str) or version not in VERSIONS:
+            raise ValueError(f"unknown AutoAttack version {version!r}{suggest(str(version), VERSIONS)}; "
+                             f"valid: {', '.join(VERSIONS)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         self.version = version
         self.batch_size = batch_size
 

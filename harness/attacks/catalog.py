@@ -8,6 +8,7 @@ Attack`` (typically an :class:`~harness.attacks.base.Attack` subclass), with opt
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
 from harness.attacks.autoattack import AutoAttackAdapter
@@ -15,7 +16,7 @@ from harness.attacks.base import Attack
 from harness.attacks.library import APGDCE, APGDDLR, APGDT, FABT, Square
 from harness.attacks.pgd import PGD
 from harness.core.errors import UsageError
-from harness.core.registry import Registry
+from harness.core.registry import Registry, suggest
 from harness.core.threat import ThreatModel
 
 __all__ = ["ATTACK_GROUP", "AttackFactory", "attack_registry", "parse_attack_spec", "coerce_value", "build_attack"]
@@ -73,14 +74,25 @@ def coerce_value(value: str) -> Any:
 
 
 def build_attack(params: Mapping[str, Any], threat: ThreatModel) -> Attack:
-    """The attack named by ``params["name"]`` with the other params as options."""
+    """The attack named by ``params["name"]`` with the other params as options; an unknown name, an
+    option the attack does not take or a bad value is a :class:`UsageError` naming the valid ones."""
     options = dict(params)
-    name = options.pop("name")
-    factory = attack_registry().get(name)
+    name = options.pop("name", None)
+    registry = attack_registry()
+    if not isinstance(name, str):
+        raise UsageError(f"an attack spec must name its attack (got {name!r}); valid: {', '.join(registry.names())}")
+    factory = registry.get(name)
+    # the keyword options after the threat model; a factory taking **options is left to check its own
+    parameters = list(inspect.signature(factory).parameters.values())[1:]
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters) and key not in valid:
+            raise UsageError(f"bad options for attack {name!r}: no option {key!r}{suggest(str(key), valid)}; "
+                             f"valid: {', '.join(valid) or '(none)'}")
     try:
         attack = factory(threat, **options)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad options for attack {name!r}: {exc}") from None
+        raise UsageError(f"bad options for attack {name!r}: {exc}".splitlines()[0]) from None
     if not isinstance(attack, Attack):
         raise UsageError(f"attack {name!r} did not build a harness Attack (got {type(attack).__name__})")
     return attack

@@ -14,19 +14,25 @@ import importlib
 import json
 import logging
 import os
+import pickle
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
-from harness.core.artifacts import ArtifactCache
+from harness.core import paths
+from harness.core.artifacts import Artifact, ArtifactCache
 from harness.data import DatasetInfo, load_split
+from harness.data.disk import read_meta
 from harness.core.errors import UsageError
-from harness.core.registry import Registry
+from harness.core.registry import Registry, suggest
 from harness.classifiers.architectures import build_classifier
 from harness.classifiers.training import CLASSIFIER_PRESETS, train_classifier
 
@@ -72,9 +78,14 @@ def _in_order(blob: bytes, metadata: dict[str, str]) -> bytes:
     return blob[:8] + text.ljust(size) + blob[8 + size:]
 
 
-def classifier_recipe(preset: str, dataset: DatasetInfo, train_fingerprint: str, seed: int) -> dict[str, Any]:
+def _check_preset(preset: str) -> None:
     if preset not in CLASSIFIER_PRESETS:
-        raise UsageError(f"unknown classifier preset {preset!r}; valid: {', '.join(CLASSIFIER_PRESETS)}")
+        raise UsageError(f"unknown classifier preset {preset!r}{suggest(preset, CLASSIFIER_PRESETS)}; "
+                         f"valid: {', '.join(CLASSIFIER_PRESETS)}")
+
+
+def classifier_recipe(preset: str, dataset: DatasetInfo, train_fingerprint: str, seed: int) -> dict[str, Any]:
+    _check_preset(preset)
     return {"what": "classifier", "preset": preset, "config": CLASSIFIER_PRESETS[preset],
             "dataset": dataset.name, "train_fingerprint": train_fingerprint, "seed": seed}
 
@@ -95,34 +106,106 @@ def _trained(preset: str, dataset: DatasetInfo, data_root: str | None, artifacts
 
     artifact = artifacts.get_or_train("classifier", recipe, produce,
                                       what=f"the {preset!r} {dataset.name} classifier")
-    model = build_classifier(config["arch"], dataset.num_classes, dataset.image_shape)
-    model.load_state_dict(artifact.load())
-    return LoadedClassifier(freeze(model), f"trained:{preset}@{artifact.key}",
+    model = _trained_model(artifact, config["arch"], dataset)
+    return LoadedClassifier(model, f"trained:{preset}@{artifact.key}",
                             {"source": "trained", "recipe": recipe, "artifact": str(artifact.path)})
 
 
-def _from_file(path: Path, dataset: DatasetInfo) -> LoadedClassifier:
+def _trained_model(artifact: Artifact, arch: str, dataset: DatasetInfo) -> nn.Module:
+    """The frozen classifier of a cached artifact; a damaged one is a one-line UsageError saying to delete it."""
+    model = build_classifier(arch, dataset.num_classes, dataset.image_shape)
+    problem = _misfit(model, artifact.load())
+    if problem:
+        raise UsageError(f"cached artifact {artifact.path} does not fit architecture {arch!r} ({problem}); "
+                         f"delete that folder and run again to retrain it")
+    return freeze(model)
+
+
+def _misfit(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """Load ``state`` into ``model``; why it does not fit, or None."""
+    try:
+        fit = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # shapes differ, values are no tensors
+        return " ".join(str(exc).split())[:300]
+    if fit.missing_keys or fit.unexpected_keys:
+        return f"missing {_few(fit.missing_keys)}, unexpected {_few(fit.unexpected_keys)}"
+    return None
+
+
+def _few(keys: list[str]) -> str:
+    """``"2 keys (a, b)"``: how many state-dict keys, and the first few."""
+    shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return f"{len(keys)} key{'' if len(keys) == 1 else 's'}" + (f" ({shown})" if keys else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of ``exc``'s message (library errors go on with advice over several lines)."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return line.split(". ")[0]
+
+
+#: in torch's weights-only error: the Python object a refused pickle names, or what else stopped it
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_STOPPED = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+
+
+def _load_pt(path: Path) -> Any:
+    """The payload of a ``.pt`` file, unpickled by torch's weights-only loader (tensors, plain containers
+    and numbers; never code); a one-line :class:`UsageError` for a file that is damaged or holds more."""
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file it refuses anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        if found:
+            raise UsageError(f"{path} is not a safe checkpoint: it holds the Python object {found[1]}, which "
+                             f"loading would have to run; harness loads only tensors (save the weights with "
+                             f"harness.api.save_classifier as .safetensors)") from None
+        stopped = _STOPPED.search(str(exc))
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint (the weights-only unpickler stopped at: "
+                         f"{stopped[1].strip() if stopped else 'content that is not tensors'}); it may be "
+                         f"corrupt, or not a checkpoint") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for a damaged archive
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}); it may be "
+                         f"truncated or corrupt") from None
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metadata, state dict)`` of a classifier file; a one-line :class:`UsageError` for a bad one."""
     if not path.is_file():
         raise UsageError(f"classifier file {path} does not exist")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        state = load_file(str(path))
-    elif path.suffix in (".pt", ".pth"):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "state_dict" not in payload:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            return meta, load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"{path} is not a readable safetensors file ({_first_line(exc)}); it may be "
+                             f"truncated or corrupt") from None
+    if path.suffix in (".pt", ".pth"):
+        payload = _load_pt(path)
+        if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
             raise UsageError(f"{path} must hold a dict with keys arch, num_classes, state_dict")
-        meta, state = payload, payload["state_dict"]
-    else:
-        raise UsageError(f"unsupported classifier file {path.name}; valid: .safetensors, .pt, .pth")
+        return payload, payload["state_dict"]
+    raise UsageError(f"unsupported classifier file {path.name}; valid: .safetensors, .pt, .pth")
+
+
+def _from_file(path: Path, dataset: DatasetInfo) -> LoadedClassifier:
+    meta, state = _read_checkpoint(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     if "arch" not in meta:
         raise UsageError(f"{path} does not say its architecture (metadata key 'arch')")
-    num_classes = int(meta.get("num_classes", dataset.num_classes))
+    try:
+        num_classes = int(meta.get("num_classes", dataset.num_classes))
+    except (TypeError, ValueError):
+        raise UsageError(f"{path}: num_classes must be a whole number, got {meta['num_classes']!r}") from None
     if num_classes != dataset.num_classes:
         raise UsageError(f"{path} has {num_classes} classes but {dataset.name} has {dataset.num_classes}")
     model = build_classifier(str(meta["arch"]), num_classes, dataset.image_shape)
-    model.load_state_dict(state)
+    problem = _misfit(model, state)
+    if problem:
+        raise UsageError(f"{path} does not fit architecture {meta['arch']!r}: {problem}")
     return LoadedClassifier(freeze(model), f"file:{path.name}@{digest}",
                             {"source": "file", "path": str(path), "sha256_16": digest, "arch": meta["arch"]})
 
@@ -185,19 +268,44 @@ def source_registry() -> Registry[Callable[..., LoadedClassifier]]:
     return _registry
 
 
+def _source(spec: str) -> tuple[str, str]:
+    """``(source name, rest)`` of a classifier spec; a UsageError naming the valid forms otherwise."""
+    kind, sep, rest = spec.partition(":")
+    registry = source_registry()
+    if sep and kind in registry.names():
+        return kind, rest
+    path = Path(spec).expanduser()
+    if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
+        return "file", spec
+    close = suggest(spec, [f"{name}:{rest}" for name in registry.names()]) if sep else ""
+    raise UsageError(f"cannot read classifier source {spec!r}{close}; valid forms: "
+                     + "; ".join(i.summary for i in registry.items()))
+
+
+def check_classifier(spec: str, dataset: DatasetInfo, *, artifacts: ArtifactCache, data_root: str | None = None,
+                     seed: int = 0) -> None:
+    """Check ``spec`` before a run stores anything, without training or downloading: its source exists,
+    a ``trained:`` preset is known (and its cached weights, if any, load), a file is a readable, safe
+    checkpoint that fits ``dataset``, and robustbench is installed for a ``robustbench:`` model."""
+    kind, rest = _source(spec)
+    if kind == "trained":
+        _check_preset(rest)
+        meta = read_meta(paths.data_root(data_root), dataset.name) or {}
+        fingerprint = meta.get("splits", {}).get("train", {}).get("fingerprint")
+        cached = fingerprint and artifacts.find("classifier", classifier_recipe(rest, dataset, fingerprint, seed))
+        if cached:
+            _trained_model(cached, CLASSIFIER_PRESETS[rest]["arch"], dataset)
+    if kind == "file":
+        _from_file(Path(rest).expanduser(), dataset)
+    if kind == "robustbench":
+        import_robustbench()
+
+
 def resolve_classifier(spec: str, dataset: DatasetInfo, *, artifacts: ArtifactCache,
                        data_root: str | None = None, threat: str = "linf", progress: bool = True,
                        seed: int = 0) -> LoadedClassifier:
     """Load the base classifier named by ``spec`` (see the module docstring for the forms)."""
-    kind, sep, rest = spec.partition(":")
-    registry = source_registry()
-    if not sep or kind not in registry.names():
-        path = Path(spec).expanduser()
-        if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
-            kind, rest = "file", spec
-        else:
-            raise UsageError(f"cannot read classifier source {spec!r}; valid forms: "
-                             + "; ".join(i.summary for i in registry.items()))
-    loader = registry.get(kind)
+    kind, rest = _source(spec)
+    loader = source_registry().get(kind)
     return loader(rest, dataset, artifacts=artifacts, data_root=data_root, threat=threat, progress=progress,
                   seed=seed)

@@ -1,8 +1,13 @@
-"""``harness run``: evaluate a grid of cells, a thin layer over :func:`harness.api.evaluate`."""
+"""``harness run``: evaluate a grid of cells, a thin layer over :func:`harness.api.evaluate`. Exit codes:
+0 when every cell is stored, 1 when a cell failed (after the table), 128 + the signal (130 for Ctrl-C) when
+interrupted."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+import pandas as pd
 
 from harness.cli.options import data_option, db_option, option_values, parse_options, registry_help, split_csv
 
@@ -52,19 +57,49 @@ def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds
     """
     from harness.api import evaluate
     from harness.classifiers.sources import DEFAULT_CLASSIFIER
+    from harness.evaluation.runner import Interrupted
 
-    cells = evaluate(
-        list(split_csv(defenses)), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER, threat=threat,
-        eps=split_csv(eps), attacks=list(attacks), protocols=split_csv(protocols), n=n, seeds=seeds,
-        variants=split_csv(variants), preset=preset,
-        train_datasets=tuple(None if d == "same" else d for d in split_csv(train_datasets)),
-        train_classifier=train_classifier, options=parse_options(options), batch_size=batch_size, force=force,
-        allow_train=not no_train, data_root=data_root, progress=not no_progress, db=db)
+    try:
+        cells = evaluate(
+            list(split_csv(defenses)), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER, threat=threat,
+            eps=split_csv(eps), attacks=list(attacks), protocols=split_csv(protocols), n=n, seeds=seeds,
+            variants=split_csv(variants), preset=preset,
+            train_datasets=tuple(None if d == "same" else d for d in split_csv(train_datasets)),
+            train_classifier=train_classifier, options=parse_options(options), batch_size=batch_size, force=force,
+            allow_train=not no_train, data_root=data_root, progress=not no_progress, db=db)
+    except Interrupted as stop:
+        click.echo(str(stop), err=True)
+        raise click.exceptions.Exit(128 + stop.signum) from None
+    _print_cells(cells)
+    failed = [c for c in cells.itertuples() if c.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} cell(s) failed: " + "; ".join(_failure(c) for c in failed), err=True)
+        raise click.exceptions.Exit(1)
+
+
+def _print_cells(cells: pd.DataFrame) -> None:
     click.echo(f"{'defense':<18} {'variant':<10} {'protocol':<13} {'attack':<18} {'eps':<8} {'seed':>4} "
                f"{'clean':>7} {'robust':>7}  status")
     for c in cells.itertuples():
         name = c.defense + (f" <- {c.train_dataset}" if c.train_dataset else "")
         also = [p for p in c.answers.split(",") if p and p != c.protocol]
         note = f"  (also {', '.join(also)}: no purifier)" if also else ""
-        click.echo(f"{name:<18} {c.variant:<10} {c.protocol:<13} {c.attack:<18} {c.eps:<8} {c.seed:>4} "
-                   f"{100 * c.clean_acc:7.2f} {100 * c.robust_acc:7.2f}  {c.status}{note}")
+        status = c.status + (f" ({c.note})" if c.note else "")
+        click.echo(f"{name:<18} {c.variant:<10} {c.protocol:<13} {c.attack:<18} {c.eps:<8} {_text(c.seed):>4} "
+                   f"{_percent(c.clean_acc):>7} {_percent(c.robust_acc):>7}  {status}{note}")
+
+
+def _text(value: Any) -> str:
+    return "-" if pd.isna(value) else str(value)
+
+
+def _percent(value: Any) -> str:
+    return "-" if pd.isna(value) else f"{100 * value:.2f}"
+
+
+def _failure(cell: Any) -> str:
+    """A failed cell, named by its axes, and its error."""
+    variant = cell.variant if cell.variant != "clean" else ""
+    axes = [variant, cell.protocol, cell.attack, f"eps={cell.eps}" if cell.eps else "", f"seed={_text(cell.seed)}"]
+    named = " ".join([cell.defense] + [a for a in axes if a and a != "seed=-"])
+    return f"{named}: {cell.error}"

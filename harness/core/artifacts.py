@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from harness.core.errors import MissingArtifactError
+from harness.core.errors import MissingArtifactError, UsageError
 from harness.core.keys import RECIPE_KEY_LENGTH, content_hash
 from harness.core.paths import artifact_root
 
@@ -38,7 +40,13 @@ class Artifact:
     recipe: dict[str, Any]
 
     def load(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "weights.safetensors"))
+        """The weights; a damaged file is a one-line :class:`UsageError` saying to delete the folder."""
+        try:
+            return load_file(str(self.path / "weights.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UsageError(f"cached artifact {self.path} is damaged ({detail}); delete that folder and run "
+                             f"again to retrain it") from None
 
 
 class ArtifactCache:
@@ -59,7 +67,8 @@ class ArtifactCache:
 
     def get_or_train(self, kind: str, recipe: Mapping[str, Any],
                      producer: Callable[[], dict[str, torch.Tensor]], what: str) -> Artifact:
-        """Return the artifact for ``recipe``; train it with ``producer`` if missing and allowed."""
+        """Return the artifact for ``recipe``; train it with ``producer`` if missing and allowed. Training
+        holds the artifact's file lock, so processes needing the same artifact train it once."""
         found = self.find(kind, recipe)
         if found is not None:
             return found
@@ -67,10 +76,21 @@ class ArtifactCache:
             raise MissingArtifactError(
                 f"{what} is not trained yet (recipe {recipe_hash(recipe)} under {self.root / kind}); "
                 f"run without --no-train, or train it with `harness train`")
-        log.info("training %s (recipe %s)", what, recipe_hash(recipe))
-        started = time.time()
-        state = producer()
-        return self.store(kind, recipe, state, {"seconds": round(time.time() - started, 1)})
+        with self.lock(kind, recipe):
+            found = self.find(kind, recipe)  # trained meanwhile by the process that held the lock
+            if found is not None:
+                return found
+            log.info("training %s (recipe %s)", what, recipe_hash(recipe))
+            started = time.time()
+            state = producer()
+            return self.store(kind, recipe, state, {"seconds": round(time.time() - started, 1)})
+
+    def lock(self, kind: str, recipe: Mapping[str, Any]) -> FileLock:
+        """The lock (``.locks/<kind>/<hash>.lock``, beside the artifact folders rather than among them)
+        held while the artifact is trained: one process trains it."""
+        path = self.root / ".locks" / kind / f"{recipe_hash(recipe)}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path))
 
     def store(self, kind: str, recipe: Mapping[str, Any], state: Mapping[str, torch.Tensor],
               provenance: Mapping[str, Any] | None = None) -> Artifact:

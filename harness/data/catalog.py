@@ -12,6 +12,7 @@ from typing import Union
 
 from harness.data.imagenet_classes import WNIDS
 from harness.core.errors import UsageError
+from harness.core.registry import suggest
 
 SPLITS = ("train", "test")
 
@@ -166,7 +167,8 @@ def catalog_entry(name: str) -> CatalogEntry:
     try:
         return _CATALOG[name]
     except KeyError:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(_CATALOG)}") from None
+        raise UsageError(f"unknown dataset {name!r}{suggest(str(name), _CATALOG)}; "
+                         f"valid: {', '.join(_CATALOG)}") from None
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -176,5 +178,5 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}{suggest(str(split), SPLITS)}; valid: {', '.join(SPLITS)}")
     return split

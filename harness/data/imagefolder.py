@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from harness.data.catalog import SPLITS, DatasetInfo, ResizeCrop
@@ -130,8 +130,11 @@ def _decode_chunk(args: tuple[list[tuple[str, bytes]], tuple[int, int, int], Res
                 out[i] = np.asarray(im).reshape(h, w, c)
         except UsageError:
             raise
+        except UnidentifiedImageError:
+            raise UsageError(f"cannot decode image {name}: not an image file (PIL reads PNG, JPEG and the "
+                             f"other formats it knows); the archive may be damaged or not an ImageFolder") from None
         except Exception as exc:
-            raise UsageError(f"cannot decode image {name}: {exc}") from None
+            raise UsageError(f"cannot decode image {name}: {exc}; the file may be truncated or damaged") from None
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
@@ -56,18 +57,34 @@ def open_files(path: Path, wanted: Wanted) -> Iterator[Mapping[PurePosixPath, by
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             infos = {PurePosixPath(i.filename): i for i in archive.infolist() if not i.is_dir()}
-            yield LazyFiles([n for n in infos if not _hidden(n) and wanted(n)], lambda n: archive.read(infos[n]))
+
+            def read(name: PurePosixPath) -> bytes:
+                try:
+                    return archive.read(infos[name])
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                    raise _damaged(path, exc) from None
+
+            yield LazyFiles([n for n in infos if not _hidden(n) and wanted(n)], read)
         return
     if tarfile.is_tarfile(path):
         found = {}
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                rel = PurePosixPath(member.name)
-                if member.isfile() and not _hidden(rel) and wanted(rel):
-                    found[rel] = archive.extractfile(member).read()
+        try:
+            with tarfile.open(path, mode="r|*") as archive:
+                for member in archive:
+                    rel = PurePosixPath(member.name)
+                    if member.isfile() and not _hidden(rel) and wanted(rel):
+                        found[rel] = archive.extractfile(member).read()
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+            raise _damaged(path, exc) from None
         yield found
         return
     raise UsageError(f"{path} is neither a folder nor a .tar/.tar.gz/.zip archive")
+
+
+def _damaged(path: Path, exc: BaseException) -> UsageError:
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return UsageError(f"{path} is a damaged or truncated archive ({detail}); get it again (`harness data fetch` "
+                      f"checks the official checksum)")
 
 
 def file_sha256(path: Path) -> str:

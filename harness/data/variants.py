@@ -31,7 +31,7 @@ import torch
 from kornia.color import hsv_to_rgb, lab_to_rgb, rgb_to_hsv, rgb_to_lab
 
 from harness.core.errors import UsageError
-from harness.core.registry import Registry
+from harness.core.registry import Registry, suggest
 from harness.data.disk import Split, fingerprint
 
 #: Joins a split's data source and the variant applied to it (``"<source>; variant colored (...)"``).
@@ -61,7 +61,8 @@ def variant_names() -> list[str]:
 
 def _bad(name: str) -> UsageError:
     kinds = variant_registry().items()
-    return UsageError(f"unknown dataset variant {name!r}; valid: {', '.join(k.value.syntax for k in kinds)} "
+    return UsageError(f"unknown dataset variant {name!r}{suggest(name, variant_names())}; "
+                      f"valid: {', '.join(k.value.syntax for k in kinds)} "
                       f"with name in {', '.join(CORRUPTIONS)} and severity 0-5 (e.g. corrupt:contrast:3)")
 
 
@@ -179,7 +180,7 @@ def _no_args(args: tuple[str, ...]) -> tuple[Any, ...] | None:
 
 
 def _corruption_args(args: tuple[str, ...]) -> tuple[Any, ...] | None:
-    if len(args) != 2 or args[0] not in _PARAMS or not args[1].isdigit() or int(args[1]) not in SEVERITIES:
+    if len(args) != 2 or args[0] not in _PARAMS or args[1] not in map(str, SEVERITIES):
         return None
     return args[0], int(args[1])
 

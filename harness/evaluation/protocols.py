@@ -82,12 +82,32 @@ class Protocol(ABC):
         correct = clean_pred == y
         x_adv = x.clone()
         adv_pred = clean_pred.clone()
+        fooled_at = torch.full((len(x),), -1, dtype=torch.long)
         if correct.any():
             sel = correct.nonzero().squeeze(1)
             x_adv[sel] = attack.perturb(self.target(entry, defense, seed), x[sel], y[sel], indices[sel], seed)
             with torch.no_grad():
                 adv_pred[sel] = defense(x_adv[sel], evaluation.draws(indices[sel])).argmax(1)
-        return BatchResult(clean_pred, adv_pred, x_adv)
+            fooled_at[sel] = _fooled_at(attack, len(sel))
+        return BatchResult(clean_pred, adv_pred, x_adv, _step_record(attack, fooled_at, correct & (adv_pred != y)))
+
+
+def _fooled_at(attack: Attack, n: int) -> torch.Tensor:
+    """The step at which ``attack``'s last run first fooled each of its ``n`` points (-1: not within its
+    steps), when the attack records it (PGD does), else all -1."""
+    record = getattr(attack, "fooled_at", None)
+    return record.cpu() if isinstance(record, torch.Tensor) and len(record) == n else torch.full((n,), -1)
+
+
+def _step_record(attack: Attack, fooled_at: torch.Tensor, fooled: torch.Tensor) -> list[dict] | None:
+    """Per sample ``{"fooled_at": step}`` for an attack that records it (-1: not fooled, or not attacked;
+    an attacked point ``fooled`` only by the final iterate counts as step ``steps``): the per-iterate
+    record of the not-converged flag."""
+    steps = getattr(attack, "steps", None)
+    if getattr(attack, "fooled_at", None) is None or not isinstance(steps, int):
+        return None
+    at = torch.where((fooled_at < 0) & fooled.cpu(), torch.full_like(fooled_at, steps), fooled_at)
+    return [{"fooled_at": int(k)} for k in at]
 
 
 class NonAdaptive(Protocol):

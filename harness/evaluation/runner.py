@@ -6,17 +6,31 @@ seed); its key is a hash of exactly that. The network is the run's base classifi
 undefended entry, and the entry's own network for an entry of kind classifier (no base classifier is
 loaded for it). Per-sample results are committed one batch at a time, so an interrupted run resumes
 inside the cell it was in.
+
+A cell that raises (in its defense's build or forward, with non-finite or wrongly shaped logits, or an
+attack leaving the threat model) is stored as ``failed`` with its error, and the grid goes on. SIGINT and
+SIGTERM stop the run after the batch in flight is committed (:class:`Interrupted`). Before computing a
+cell, a process claims it in the ``claims`` table and keeps the claim alive by heartbeats; a claim whose
+heartbeat is older than ``$HARNESS_CLAIM_TIMEOUT`` seconds (default 120) belongs to a dead process and
+is taken over. Cells claimed by a live process are waited for at the end of the grid.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import os
+import secrets
 import shlex
+import signal
+import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from sqlalchemy.engine import Engine
@@ -24,33 +38,43 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from harness.attacks.base import Attack, perturbation_norm
-from harness.attacks.catalog import build_attack
-from harness.classifiers.sources import DEFAULT_CLASSIFIER, LoadedClassifier, resolve_classifier
+from harness.attacks.catalog import attack_registry, build_attack
+from harness.classifiers.sources import DEFAULT_CLASSIFIER, LoadedClassifier, check_classifier, resolve_classifier
 from harness.core.artifacts import ArtifactCache
 from harness.core.entry import Defense, DefenseEntry, Kind, defense_registry
 from harness.core.errors import UsageError
 from harness.core.keys import CELL_KEY_LENGTH, content_hash
 from harness.core.noise import FixedNoise
+from harness.core.paths import data_root
 from harness.core.registry import Registry, suggest
 from harness.core.threat import Epsilon, ThreatModel
-from harness.data import DatasetInfo, Split, dataset_info, load_split
-from harness.data.variants import apply_variant, parse_variant
+from harness.data import DatasetInfo, Split, dataset_info, dataset_names, load_split
+from harness.data.disk import read_meta
+from harness.data.variants import apply_variant, parse_variant, variant_registry
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
                                          own_network)
+from harness.evaluation.checks import batch_flags
 from harness.evaluation.metrics import batch_quality, merge_quality
-from harness.evaluation.protocols import Protocol, get_protocol, protocol_for
+from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
 from harness.results.provenance import code_provenance
-from harness.results.queries import (add_samples, done_indices, find_cell, finish_cell, finish_run, new_run,
-                                     reset_cell)
+from harness.results.queries import (add_samples, claim_cell, done_indices, fail_cell, find_cell, finish_cell,
+                                     finish_run, new_run, refresh_claims, release_claim, reset_cell, retry_locked,
+                                     touch_claim)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACK", "DEFAULT_PROTOCOLS", "RunRequest", "CellOutcome", "evaluation_subset", "run_grid"]
+__all__ = ["DEFAULT_ATTACK", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
+           "evaluation_subset", "run_grid"]
 
 log = logging.getLogger(__name__)
 DEFAULT_ATTACK = {"name": "pgd", "steps": 20}
 DEFAULT_PROTOCOLS = ("non-adaptive", "adaptive")
 SUBSET_SEED = 0
 SUBSET_RULE = f"first n of a fixed permutation (seed {SUBSET_SEED})"
+#: seconds without a heartbeat after which a claim on a cell is taken over (its owner is presumed dead)
+CLAIM_TIMEOUT_ENV = "HARNESS_CLAIM_TIMEOUT"
+DEFAULT_CLAIM_TIMEOUT = 120.0
+POLL_SECONDS = 1.0  # how often the cells other processes compute are checked, at the end of a grid
+OTHER_PROCESS = "computed by another process"
 
 
 def evaluation_subset(total: int, n: int) -> torch.Tensor:
@@ -104,13 +128,24 @@ class CellOutcome:
     protocol: str
     attack: str
     eps: str
-    seed: int
-    status: str  # "done" (computed now) | "skipped" (already stored)
-    clean_acc: float
-    robust_acc: float
+    seed: int | None  # None only for an entry that failed before its cells could be planned
+    status: str  # "done" (computed now) | "skipped" (already stored, or computed by another process) | "failed"
+    clean_acc: float | None
+    robust_acc: float | None
     train_dataset: str | None = None  # set when the purifier was trained on another dataset
     #: the requested protocols this cell answers (several for an entry without a purifier)
     requested: tuple[str, ...] = ()
+    error: str = ""  # why a failed cell failed: the exception type and the first line of its message
+    note: str = ""  # e.g. "computed by another process"
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM (``signum``) after committing the batch in flight; it is marked
+    ``interrupted``, and a rerun resumes inside the cell it was in."""
+
+    def __init__(self, done: int, signum: int):
+        super().__init__(f"interrupted: {done} cells done, rerun to resume")
+        self.done, self.signum = done, signum
 
 
 @dataclass(frozen=True)
@@ -176,13 +211,18 @@ def _check_options(request: RunRequest, entries: list[DefenseEntry]) -> None:
 
 
 def _validate(request: RunRequest, entries: list[DefenseEntry]) -> tuple[list[Protocol], list[ThreatModel]]:
-    """Check every axis before anything runs, so bad input costs nothing and stores nothing."""
-    dataset_info(request.dataset)
+    """Check every axis before anything runs, so bad input costs nothing, trains nothing and stores
+    nothing: names, numbers (eps within the image cube, n within the test split), options, and the base
+    classifiers' sources (a classifier file is read, never unpickled beyond tensors)."""
+    info = dataset_info(request.dataset)
     transfers = [d for d in request.train_datasets if d not in (None, request.dataset)]
     for name in transfers:
         dataset_info(name)
+    _check_axes(request)
     protocols = [get_protocol(name) for name in request.protocols]
     threats = [ThreatModel(request.threat, Epsilon.parse(e)) for e in request.eps]
+    for threat in threats:
+        threat.check_image_shape(info.image_shape, info.name)
     for variant in request.variants:
         parse_variant(variant)
     for threat, spec in itertools.product(threats, request.attacks):
@@ -195,9 +235,50 @@ def _validate(request: RunRequest, entries: list[DefenseEntry]) -> tuple[list[Pr
             check_transferable(entry, name)
         for protocol in protocols:
             protocol_for(protocol, entry).check(entry)
-    if request.n < 1:
-        raise UsageError("--n must be at least 1")
+    _check_counts(request)
+    size = _test_size(request)
+    if request.n > size:
+        raise UsageError(f"--n {request.n} is more than the {size} images of the {request.dataset} test split; "
+                         f"valid: 1 to {size}")
+    check = dict(artifacts=ArtifactCache(request.artifact_root), data_root=request.data_root, seed=request.train_seed)
+    if any(entry.uses_base_classifier for entry in entries):
+        check_classifier(request.classifier, info, **check)
+    if any(entry.kind is Kind.PURIFIER for entry in entries):
+        for name in transfers:
+            check_classifier(request.train_classifier or request.classifier, dataset_info(name), **check)
     return protocols, threats
+
+
+def _check_axes(request: RunRequest) -> None:
+    """Every axis of the grid has a value: an empty one would plan no cell, yet train and record a run."""
+    axes = {"--eps": (request.eps, lambda: "give at least one, like 8/255 or 0.0314"),
+            "--attack": (request.attacks, lambda: f"valid: {', '.join(attack_registry().names())}"),
+            "--protocol": (request.protocols, lambda: f"valid: {', '.join(protocol_registry().names())}"),
+            "--variant": (request.variants,
+                          lambda: f"valid: {', '.join(k.value.syntax for k in variant_registry().items())}"),
+            "--seed": (request.seeds, lambda: "give at least one, like 0"),
+            "--train-dataset": (request.train_datasets, lambda: f"valid: same, {', '.join(dataset_names())}")}
+    for option, (values, valid) in axes.items():
+        if not values:
+            raise UsageError(f"{option} names no value; {valid()}")
+
+
+def _check_counts(request: RunRequest) -> None:
+    """``n`` and the batch size are whole numbers >= 1; seeds are whole numbers the store can hold."""
+    for option, value in (("--n", request.n), ("--batch-size", request.batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+    for seed in request.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
+            raise UsageError(f"--seed must be a whole number from -2**63 to 2**63-1, got {seed!r}")
+
+
+def _test_size(request: RunRequest) -> int:
+    """How many images the test split holds: from the stored meta, without loading the images."""
+    try:
+        return int(read_meta(data_root(request.data_root), request.dataset)["splits"]["test"]["n"])
+    except (TypeError, KeyError, ValueError):  # not stored yet (a mirror import) or damaged: load says which
+        return len(load_split(request.dataset, "test", request.data_root).labels)
 
 
 def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
@@ -221,7 +302,7 @@ def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], t
             "classifier": network_id,
             "dataset": dataset,
             "threat": threat.describe(), "attack": attack.params(), "protocol": protocol.name,
-            "n": min(request.n, len(test.labels)), "seed": seed,
+            "n": request.n, "seed": seed,  # within the split: checked by _validate
         }
         cell = _PlannedCell(entry, preset, options, source, protocol, (asked.name,), threat, spec, seed, test,
                             key_config)
@@ -259,25 +340,38 @@ def _protocol_note(planned: _PlannedCell) -> str:
             f"{planned.protocol.name}, so this one cell answers them all")
 
 
-def _open_cell(session: Session, planned: _PlannedCell, run: Run, network: _Network, defense: Defense,
+def _cell_config(planned: _PlannedCell, network: _Network, defense: Defense | None,
+                 metadata: dict[str, Any]) -> dict[str, Any]:
+    """A cell's stored config: its key config and provenance (what only a built defense tells is left out
+    when ``defense`` is None, i.e. its build failed)."""
+    config = dict(planned.key_config, entry=metadata, protocol_tier=planned.protocol.tier,
+                  classifier_provenance=network.provenance, data_source=planned.split.source)
+    if defense is not None:
+        part = defense.purifier if defense.has_purifier else defense.classifier
+        config["entry"] = dict(metadata, parameters={"classifier": _parameters(defense.classifier),
+                                                     "purifier": _parameters(defense.purifier)})
+        config["defense_provenance"] = getattr(part, "provenance", None)
+    note = _protocol_note(planned)
+    if note:
+        config["protocol_note"] = note
+    return config
+
+
+def _open_cell(session: Session, planned: _PlannedCell, run: Run, network: _Network, defense: Defense | None,
                metadata: dict[str, Any], force: bool) -> Cell:
+    """The planned cell's row for ``run``: created, or reopened (``running``, its samples kept unless
+    ``force``) when it is stored unfinished or failed."""
+    config = _cell_config(planned, network, defense, metadata)
     cell = find_cell(session, planned.key)
     if cell is not None:
         if force:
             reset_cell(session, cell)
-        cell.run_id = run.id
+        cell.run_id, cell.status, cell.error = run.id, "running", ""
+        if defense is not None:
+            cell.config = config
         return cell
     attack = planned.attack_instance()
     test = planned.split
-    part = defense.purifier if defense.has_purifier else defense.classifier
-    metadata = dict(metadata, parameters={"classifier": _parameters(defense.classifier),
-                                          "purifier": _parameters(defense.purifier)})
-    config = dict(planned.key_config, entry=metadata, protocol_tier=planned.protocol.tier,
-                  classifier_provenance=network.provenance, data_source=test.source,
-                  defense_provenance=getattr(part, "provenance", None))
-    note = _protocol_note(planned)
-    if note:
-        config["protocol_note"] = note
     cell = Cell(key=planned.key, run_id=run.id, defense=planned.entry.name,
                 defense_version=planned.entry.version, preset=planned.preset or "",
                 classifier=network.id, dataset=test.info.name, dataset_fingerprint=test.fingerprint,
@@ -297,34 +391,195 @@ def _check_batch(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel, norm
                            f"max norm {norms.max():.6f}, range [{x_adv.min():.4f}, {x_adv.max():.4f}]")
 
 
-def _execute(session: Session, cell: Cell, planned: _PlannedCell, defense: Defense,
-             request: RunRequest) -> None:
+class _Checked(Defense):
+    """``defense`` with its outputs checked on every call: purified images of the input's shape, and
+    finite logits of shape (batch, classes of the dataset). Anything else raises, so it fails the cell
+    instead of being stored as (class-0) predictions."""
+
+    def __init__(self, defense: Defense, num_classes: int):
+        super().__init__(defense.classifier, defense.purifier)
+        self.num_classes = num_classes
+        self.train(defense.training)
+
+    def purify(self, x: torch.Tensor, noise: Any) -> torch.Tensor:
+        purified = super().purify(x, noise)
+        if tuple(purified.shape) != tuple(x.shape):
+            raise ValueError(f"the purifier returned images of shape {tuple(purified.shape)} for inputs of "
+                             f"shape {tuple(x.shape)}")
+        return purified
+
+    def forward(self, x: torch.Tensor, noise: Any) -> torch.Tensor:
+        logits = super().forward(x, noise)
+        if tuple(logits.shape) != (len(x), self.num_classes):
+            raise ValueError(f"the defense returned logits of shape {tuple(logits.shape)}, expected "
+                             f"({len(x)}, {self.num_classes})")
+        finite = torch.isfinite(logits)
+        if not bool(finite.all()):
+            raise ValueError(f"the defense returned non-finite logits ({int((~finite).sum())} of "
+                             f"{logits.numel()} values are NaN or inf)")
+        return logits
+
+
+class _Signals:
+    """SIGINT/SIGTERM in a :meth:`deferred` stretch (a cell's batches, a claim's write) stop the run at its
+    end: after the batch in flight is committed. A second signal, or one at any other moment (training,
+    waiting), stops it at once. Handlers are installed only in the main thread, and restored on exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if not (first and self._deferring):
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold signals back until the end of the block, then stop there if one came."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.check()
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+
+class _Claims:
+    """This process's claims on cells (owner ``host:pid:token``), kept alive by a heartbeat thread every
+    quarter of the timeout (at most 10 s), on top of the heartbeat of every batch commit."""
+
+    def __init__(self, engine: Engine, timeout: float):
+        self.engine, self.timeout = engine, timeout
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="harness-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Claims:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def acquire(self, key: str) -> bool:
+        return claim_cell(self.engine, key, self.owner, self.timeout)
+
+    def release(self, key: str) -> None:
+        release_claim(self.engine, key, self.owner)
+
+    def touch(self, session: Session, key: str) -> bool:
+        return touch_claim(session, key, self.owner)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(10.0, self.timeout / 4)):
+            try:
+                refresh_claims(self.engine, self.owner)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is made up by the next one
+                log.warning("could not refresh the claims of %s", self.owner, exc_info=True)
+
+
+def _claim_timeout() -> float:
+    value = os.environ.get(CLAIM_TIMEOUT_ENV, "")
+    try:
+        timeout = float(value) if value else DEFAULT_CLAIM_TIMEOUT
+    except ValueError:
+        timeout = 0.0
+    if not timeout > 0:
+        raise UsageError(f"${CLAIM_TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
+    return timeout
+
+
+class _ClaimLost(Exception):
+    """Another process took over this cell's claim (ours had expired): the cell is left to it."""
+
+
+@dataclass
+class _Worker:
+    """What computing cells needs in this process: the session, the run, the claims and the signals."""
+
+    session: Session
+    run: Run
+    claims: _Claims
+    signals: _Signals
+
+
+def _store_batch(worker: _Worker, cell: Cell, rows: list[dict[str, Any]], quality: dict[str, torch.Tensor] | None,
+                 seconds: float) -> bool:
+    """Commit one batch's samples and the cell's running totals, with a heartbeat of the cell's claim in
+    the same transaction; False (nothing written) if the claim is no longer ours."""
+    session = worker.session
+    if not worker.claims.touch(session, cell.key):
+        session.rollback()
+        return False
+    cell.n_done += add_samples(session, cell, rows)
+    cell.seconds += seconds
+    if quality is not None:
+        cell.metrics = merge_quality(cell.metrics, quality)
+    session.commit()
+    return True
+
+
+def _first_batch_flags(planned: _PlannedCell, defense: Defense, x: torch.Tensor, y: torch.Tensor,
+                       indices: torch.Tensor) -> list[dict[str, Any]]:
+    """The evaluation-quality flags (:mod:`harness.evaluation.checks`) of a cell's first batch: the
+    defense as the cell evaluates it (its fixed noise) and what the cell's attack differentiates."""
+    noise = FixedNoise(planned.seed, namespace="defense")
+    target = planned.protocol.target(planned.entry, defense, planned.seed)
+    flags = batch_flags(lambda images: defense(images, noise.draws(indices)), target, x, y, indices)
+    return [flag.describe() for flag in flags]
+
+
+def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defense, request: RunRequest) -> None:
+    """Evaluate the cell's missing samples batch by batch, committing each batch, then finish it."""
+    session = worker.session
     attack = planned.attack_instance()
     test = planned.split
+    defense = _Checked(defense, test.info.num_classes)
     measure_quality = planned.entry.kind is Kind.PURIFIER
     done = done_indices(session, cell)
     todo = [i for i in evaluation_subset(len(test.labels), cell.n).tolist() if i not in done]
     batches = [todo[i:i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
     label = f"{cell.defense} {cell.protocol} {cell.attack_label} eps={cell.eps_text} seed={cell.seed}"
-    for batch in tqdm(batches, desc=label, disable=not request.progress, unit="batch"):
-        started = time.time()
-        indices = torch.tensor(batch)
-        x, y = test.float_images(indices), test.labels[indices]
-        result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
-        norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
-        _check_batch(result.x_adv, x, planned.threat, norms)
-        if measure_quality:
-            cell.metrics = merge_quality(cell.metrics, batch_quality(
-                defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"), indices))
-        extras = result.extra or [None] * len(batch)
-        add_samples(session, cell, ({"index": int(i), "label": int(lab), "clean_pred": int(c),
-                                     "adv_pred": int(a), "perturbation": float(p), "extra": e}
-                                    for i, lab, c, a, p, e in zip(batch, y, result.clean_pred,
-                                                                   result.adv_pred, norms, extras)))
-        cell.n_done += len(batch)
-        cell.seconds += time.time() - started
-        session.commit()
-    finish_cell(session, cell)
+    with worker.signals.deferred():
+        for number, batch in enumerate(tqdm(batches, desc=label, disable=not request.progress, unit="batch")):
+            started = time.time()
+            indices = torch.tensor(batch)
+            x, y = test.float_images(indices), test.labels[indices]
+            if number == 0 and not done:  # the checks run once, on the cell's first batch
+                cell.metrics = {**(cell.metrics or {}), "flags": _first_batch_flags(planned, defense, x, y, indices)}
+            result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
+            norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
+            _check_batch(result.x_adv, x, planned.threat, norms)
+            quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
+                                    indices) if measure_quality else None
+            extras = result.extra or [None] * len(batch)
+            rows = [{"index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
+                     "perturbation": float(p), "extra": e}
+                    for i, lab, c, a, p, e in zip(batch, y, result.clean_pred, result.adv_pred, norms, extras)]
+            seconds = time.time() - started
+            if not retry_locked(session, functools.partial(_store_batch, worker, cell, rows, quality, seconds)):
+                raise _ClaimLost(cell.key)
+            worker.signals.check()
+    retry_locked(session, lambda: finish_cell(session, cell))
 
 
 class _Classifiers:
@@ -372,26 +627,42 @@ class _Grid:
 
 def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntry] | None = None
              ) -> list[CellOutcome]:
-    """Evaluate every cell of ``request`` that is not stored yet; return one outcome per cell."""
+    """Evaluate every cell of ``request`` that is not stored yet; return one outcome per cell. A cell that
+    raises is stored as failed and the grid goes on; the cells other live processes are computing are
+    waited for at the end; SIGINT/SIGTERM stop the run at a batch boundary (:class:`Interrupted`)."""
     registry = registry or defense_registry()
     entries = _entries(request, registry)
     protocols, threats = _validate(request, entries)
+    timeout = _claim_timeout()
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root, allow_train=request.allow_train)
     splits = {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
     grid = _Grid(request, registry, protocols, threats, test, splits, artifacts, _Classifiers(request, artifacts))
-    outcomes: list[CellOutcome] = []
-    with Session(engine, expire_on_commit=False) as session:
-        run = new_run(session, shlex.join(sys.argv), code_provenance())
+    slots: list[_Slot] = []
+    with Session(engine, expire_on_commit=False) as session, _Claims(engine, timeout) as claims, \
+            _Signals() as signals:
+        run = retry_locked(session, lambda: new_run(session, shlex.join(sys.argv), code_provenance()))
+        worker = _Worker(session, run, claims, signals)
         try:
             for entry in entries:
-                outcomes += _run_entry(session, run, grid, entry)
+                _attempt_entry(worker, grid, entry, slots)
+            _await_others(slots)
+        except KeyboardInterrupt:
+            _finish(worker, "interrupted")
+            done = sum(1 for slot in slots if slot.outcome is not None and slot.outcome.status != "failed")
+            raise Interrupted(done, signals.received or signal.SIGINT) from None
         except BaseException:
-            session.rollback()
-            finish_run(session, run, "interrupted")
+            _finish(worker, "failed")
             raise
-        finish_run(session, run, "done")
+        outcomes = [slot.outcome for slot in slots if slot.outcome is not None]
+        _finish(worker, "failed" if any(o.status == "failed" for o in outcomes) else "done")
     return outcomes
+
+
+def _finish(worker: _Worker, status: str) -> None:
+    session = worker.session
+    session.rollback()
+    retry_locked(session, lambda: finish_run(session, worker.run, status))
 
 
 def _build(grid: _Grid, item: _PlannedCell, classifier: LoadedClassifier | None) -> Defense:
@@ -403,38 +674,163 @@ def _build(grid: _Grid, item: _PlannedCell, classifier: LoadedClassifier | None)
                                      classifier, item.split.info, grid.artifacts, **kwargs)
 
 
-def _run_entry(session: Session, run: Run, grid: _Grid, entry: DefenseEntry) -> list[CellOutcome]:
-    r = grid.request
-    own: OwnNetwork | None = None
-    classifier: LoadedClassifier | None = None
-    if entry.uses_base_classifier:
-        classifier = grid.classifiers.get(r.classifier, grid.test.info)
-        network = _Network(classifier.id, classifier.provenance)
-    else:
-        own = own_network(entry, entry.resolve_preset(r.preset), grid.test.info, grid.artifacts,
-                          options=entry.select_options(r.options), data_root=r.data_root, progress=r.progress,
-                          seed=r.train_seed)
-        network = _Network(own.id, own.provenance)
-    sources = grid.sources(entry) if entry.kind is Kind.PURIFIER else {None: None}
-    planned = _plan(r, entry, grid.protocols, grid.threats, network.id, grid.splits, sources)
-    metadata = _entry_metadata(entry, grid.registry)
-    defenses: dict[str | None, Defense] = {None: own.defense} if own and own.defense else {}
-    outcomes = []
-    for item in planned:
-        cell = find_cell(session, item.key)
-        status = "skipped"
-        if cell is None or cell.status != "done" or r.force:
-            source = item.source.info.name if item.source else None
-            if source not in defenses:
-                defenses[source] = _build(grid, item, classifier)
-            defense = defenses[source]
-            cell = _open_cell(session, item, run, network, defense, metadata, r.force)
-            session.commit()
-            _execute(session, cell, item, defense, r)
-            status = "done"
+@dataclass
+class _Slot:
+    """One cell of the grid: its outcome, None while another process computes it (``wait`` tries again)."""
+
+    outcome: CellOutcome | None
+    wait: Callable[[], CellOutcome | None] = lambda: None
+
+
+def _error_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _log_failure(what: str, exc: BaseException) -> str:
+    """Log a failure (one line, the traceback at debug level) and return its error line."""
+    error = _error_line(exc)
+    log.warning("%s failed: %s", what, error)
+    log.debug("traceback of the failure of %s", what, exc_info=exc)
+    return error
+
+
+def _attempt_entry(worker: _Worker, grid: _Grid, entry: DefenseEntry, slots: list[_Slot]) -> None:
+    """Attempt every cell of ``entry``, appending one slot per cell. An entry whose network cannot be
+    prepared (its classifier, or its own network, raised) fails as a whole: none of its cells can be
+    keyed, so nothing is stored for it."""
+    try:
+        cells = _EntryCells(worker, grid, entry)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the entry fails alone
+        error = _log_failure(f"defense {entry.name}", exc)
+        slots.append(_Slot(CellOutcome("", entry.name, "", "", "", "", None, "failed", None, None, error=error)))
+        return
+    for item in cells.planned:
+        slots.append(_Slot(cells.attempt(item), functools.partial(cells.attempt, item, waited=True)))
+
+
+def _await_others(slots: list[_Slot]) -> None:
+    """Poll the cells other processes held until each is settled: skipped once they stored it, failed if
+    they failed it, or computed here if they stopped without finishing it. Bounded: a live owner keeps
+    computing, and a dead owner's claim expires and is taken over."""
+    pending = [slot for slot in slots if slot.outcome is None]
+    if pending:
+        log.info("waiting for %d cell(s) being computed by another process", len(pending))
+    while pending:
+        time.sleep(POLL_SECONDS)
+        for slot in pending:
+            slot.outcome = slot.wait()
+        pending = [slot for slot in pending if slot.outcome is None]
+
+
+def _stored(cell: Cell | None, force: bool) -> bool:
+    return cell is not None and cell.status == "done" and not force
+
+
+class _EntryCells:
+    """One entry's planned cells and what computing them needs: its network, and its defenses, built on
+    first need (a build that raises fails each cell of that defense)."""
+
+    def __init__(self, worker: _Worker, grid: _Grid, entry: DefenseEntry):
+        r = grid.request
+        self.worker, self.grid, self.entry = worker, grid, entry
+        own: OwnNetwork | None = None
+        self.classifier: LoadedClassifier | None = None
+        if entry.uses_base_classifier:
+            self.classifier = grid.classifiers.get(r.classifier, grid.test.info)
+            self.network = _Network(self.classifier.id, self.classifier.provenance)
         else:
-            log.info("skipping finished cell %s (%s %s)", item.key, entry.name, item.protocol.name)
-        outcomes.append(CellOutcome(cell.key, entry.name, cell.variant, cell.protocol, cell.attack_label,
-                                    cell.eps_text, cell.seed, status, cell.clean_acc, cell.robust_acc,
-                                    item.source.info.name if item.source else None, item.requested))
-    return outcomes
+            own = own_network(entry, entry.resolve_preset(r.preset), grid.test.info, grid.artifacts,
+                              options=entry.select_options(r.options), data_root=r.data_root, progress=r.progress,
+                              seed=r.train_seed)
+            self.network = _Network(own.id, own.provenance)
+        sources = grid.sources(entry) if entry.kind is Kind.PURIFIER else {None: None}
+        self.planned = _plan(r, entry, grid.protocols, grid.threats, self.network.id, grid.splits, sources)
+        self.metadata = _entry_metadata(entry, grid.registry)
+        self.defenses: dict[str | None, Defense | Exception] = {None: own.defense} if own and own.defense else {}
+
+    def attempt(self, item: _PlannedCell, waited: bool = False) -> CellOutcome | None:
+        """Compute ``item`` under a claim unless it is stored; None while another live process holds the
+        claim. ``waited``: the cell was held by another process earlier in this run (no ``force`` then)."""
+        force = self.grid.request.force and not waited
+        before = find_cell(self.worker.session, item.key)
+        if _stored(before, force):
+            log.info("skipping finished cell %s (%s %s)", item.key, self.entry.name, item.protocol.name)
+            return self._outcome(item, before, "skipped", OTHER_PROCESS if waited else "")
+        claims, signals = self.worker.claims, self.worker.signals
+        claimed = False
+        try:
+            with signals.deferred():
+                claimed = claims.acquire(item.key)
+            return self._claimed(item, force, force and _stored(before, False), waited) if claimed else None
+        finally:
+            if claimed:
+                with signals.deferred():
+                    claims.release(item.key)
+
+    def _claimed(self, item: _PlannedCell, force: bool, recompute: bool, waited: bool) -> CellOutcome | None:
+        """:meth:`attempt` once the claim is ours; ``recompute``: the cell was done and ``force`` redoes it."""
+        cell = find_cell(self.worker.session, item.key)  # as stored now that the claim is ours
+        if _stored(cell, recompute):
+            return self._outcome(item, cell, "skipped", OTHER_PROCESS)
+        if (waited and cell is not None and cell.status == "failed" and cell.finished_at is not None
+                and cell.finished_at >= self.worker.run.started_at):
+            return self._outcome(item, cell, "failed", OTHER_PROCESS)
+        try:
+            return self._outcome(item, self._compute(item, force), "done")
+        except _ClaimLost:
+            log.warning("cell %s was taken over by another process", item.key)
+            return None
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cell fails alone
+            return self._outcome(item, self._fail(item, exc), "failed")
+
+    def _compute(self, item: _PlannedCell, force: bool) -> Cell:
+        defense = self._defense(item)
+        session = self.worker.session
+
+        def open_cell() -> Cell:
+            cell = _open_cell(session, item, self.worker.run, self.network, defense, self.metadata, force)
+            session.commit()
+            return cell
+
+        cell = retry_locked(session, open_cell)
+        _execute(self.worker, cell, item, defense, self.grid.request)
+        return cell
+
+    def _defense(self, item: _PlannedCell) -> Defense:
+        """The defense of ``item``'s training source, built once; raises what its build raised."""
+        source = item.source.info.name if item.source else None
+        if source not in self.defenses:
+            try:
+                self.defenses[source] = _build(self.grid, item, self.classifier)
+            except UsageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fails every cell of this defense, one by one
+                self.defenses[source] = exc
+        built = self.defenses[source]
+        if isinstance(built, Exception):
+            raise built
+        return built
+
+    def _fail(self, item: _PlannedCell, exc: Exception) -> Cell:
+        """Store ``item`` as failed with the error of ``exc`` (its committed batches are kept)."""
+        error = _log_failure(f"cell {item.key} ({self.entry.name} {item.protocol.name} seed {item.seed})", exc)
+        session = self.worker.session
+        session.rollback()
+
+        def write() -> Cell:
+            cell = _open_cell(session, item, self.worker.run, self.network, None, self.metadata, False)
+            fail_cell(session, cell, error)
+            return cell
+
+        return retry_locked(session, write)
+
+    def _outcome(self, item: _PlannedCell, cell: Cell, status: str, note: str = "") -> CellOutcome:
+        return CellOutcome(cell.key, self.entry.name, cell.variant, cell.protocol, cell.attack_label,
+                           cell.eps_text, cell.seed, status, cell.clean_acc, cell.robust_acc,
+                           item.source.info.name if item.source else None, item.requested, cell.error, note)

@@ -222,7 +222,8 @@ def aggregate_seeds(done: pd.DataFrame,
 
     Adds ``seeds`` (count), ``seed_list``, ``{clean,robust,avg,best}_{mean,std}`` (fractions; std is the
     sample std over seeds, ``None`` for one seed; ``best`` is the best-known robust accuracy when ``done``
-    has ``best_known_acc``, with the attacks it is the worst case over in ``best_attacks``), ``metric_stats`` ({name: (mean, std)}),
+    has ``best_known_acc``, with the attacks it is the worst case over in ``best_attacks``), ``flags``
+    (the names of the evaluation-quality flags of any of its cells, when ``done`` has ``flags``), ``metric_stats`` ({name: (mean, std)}),
     ``provenance`` (a list of dicts, one per cell), ``entry`` (``config["entry"]`` of the newest cell),
     ``protocol_note`` (its ``config["protocol_note"]``: which other protocols the cell answers, for an
     entry without a purifier), ``own_network`` (whether ``classifier`` is the entry's own network
@@ -233,7 +234,7 @@ def aggregate_seeds(done: pd.DataFrame,
     """
     columns = list(SEED_GROUP_KEYS) + [
         "seeds", "seed_list", "clean_mean", "clean_std", "robust_mean", "robust_std", "avg_mean",
-        "avg_std", "best_mean", "best_std", "best_attacks", "metric_stats", "provenance", "entry", "protocol_note", "own_network", "reported"]
+        "avg_std", "best_mean", "best_std", "best_attacks", "flags", "metric_stats", "provenance", "entry", "protocol_note", "own_network", "reported"]
     if done.empty:
         return pd.DataFrame(columns=columns)
     metric_cols = [c for c in done.columns if c.startswith("metric_")]
@@ -248,6 +249,7 @@ def aggregate_seeds(done: pd.DataFrame,
             values = group[col].tolist() if col in group else []
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values) if values else (None, None)
         row["best_attacks"] = sorted({a for attacks in group.get("best_known_attacks", []) for a in attacks})
+        row["flags"] = sorted({f["name"] for flags in group.get("flags", []) for f in flags})
         row["metric_stats"] = {c[len("metric_"):]: _mean_std(group[c].tolist()) for c in metric_cols
                                if group[c].notna().any()}
         records = group.to_dict("records")

@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from harness.analysis.flags import CROSS_CELL_HELP
 from harness.data.variants import VARIANT_SEPARATOR
+from harness.evaluation.checks import FLAG_HELP
 from harness.report.frame import canonical_json, data_label, safe_stem
 from harness.report.protocols import protocol_info, protocol_rank
 
@@ -26,6 +28,8 @@ __all__ = ["SAME_FUNCTION", "Num", "Column", "Row", "LeaderTable", "data_label",
 #: Marks the protocol of a row whose one cell also answers other protocols (an entry without a
 #: purifier attacks the same function under each); the table's notes explain it.
 SAME_FUNCTION = "†"
+#: one line per evaluation-quality flag, for the table notes
+FLAG_TEXT = {**FLAG_HELP, **CROSS_CELL_HELP}
 _THREAT_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 _THREAT_TEXT = {"linf": "ℓ∞", "l2": "ℓ2"}
 _THREAT_ORDER = {"linf": 0, "l2": 1}
@@ -119,6 +123,7 @@ def _row_values(rec: Mapping[str, Any], metrics: list[str], ref: int | None) -> 
         "clean": Num(rec["clean_mean"], rec["clean_std"]),
         "robust": Num(rec["robust_mean"], rec["robust_std"]),
         "best": Num(rec["best_mean"], rec["best_std"]),
+        "flags": ", ".join(rec.get("flags") or []),
         "avg": Num(rec["avg_mean"], rec["avg_std"]), "n": int(rec["n"]), "seeds": int(rec["seeds"]),
         "reported_clean": Num(rep.get("clean") if rep else None, percent=False),
         "reported_robust": Num(rep.get("robust") if rep else None, percent=False),
@@ -162,6 +167,11 @@ def _one_table(group: pd.DataFrame) -> LeaderTable:
                 Column("clean", "Clean", True), Column("best", "Best-known", True),
                 Column("robust", "Robust", True),
                 Column("avg", "Avg", True), Column("n", "n", True), Column("seeds", "Seeds", True)]
+    flagged = sorted({f for flags in group["flags"] for f in flags})
+    if flagged:
+        columns.append(Column("flags", "Flags"))
+        notes.append("Flags (the row's evaluation is potentially unreliable): " +
+                     "; ".join(f"{name}: {FLAG_TEXT.get(name, 'see harness docs')}" for name in flagged))
     metrics = sorted({m for stats in group["metric_stats"] for m in stats})
     columns += [Column(f"metric:{m}", m, True) for m in metrics]
     refs: dict[str, int] = {}

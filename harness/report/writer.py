@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 import harness
 
 from harness.analysis.best_known import best_known
+from harness.analysis.flags import cell_flags
 from harness.results.queries import done_samples
 from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
 from harness.report.html import ExtraSection, render_html
@@ -71,14 +72,29 @@ def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version
     return "\n".join(head) + "\n\n" + "\n".join(to_markdown(t) for t in tables)
 
 
-def with_best_known(done: pd.DataFrame, samples) -> pd.DataFrame:
-    """``done`` with ``best_known_acc`` and ``best_known_attacks`` (the attack labels of its setting):
-    the per-sample worst case over every attack stored for each cell's setting."""
+def with_best_known(done: pd.DataFrame, samples: list[tuple[Any, ...]]) -> pd.DataFrame:
+    """``done`` with ``best_known_acc``, ``best_known_attacks`` (the attack labels of its setting: the
+    per-sample worst case over every attack stored for each cell's setting) and ``flags`` (every
+    evaluation-quality flag of the cell, :func:`harness.analysis.flags.cell_flags`)."""
     if done.empty:
-        return done.assign(best_known_acc=pd.Series(dtype=float), best_known_attacks=pd.Series(dtype=object))
-    known = best_known(done.to_dict("records"), samples)
+        return done.assign(best_known_acc=pd.Series(dtype=float), best_known_attacks=pd.Series(dtype=object),
+                           flags=pd.Series(dtype=object))
+    records = done.to_dict("records")
+    known = best_known(records, samples)
+    fooled_at: dict[str, list[int]] = {}
+    for key, _, _, _, _, extra in samples:
+        if isinstance(extra, dict) and isinstance(extra.get("fooled_at"), int) and extra["fooled_at"] >= 0:
+            fooled_at.setdefault(key, []).append(extra["fooled_at"])
+    flags = cell_flags(records, known, fooled_at)
     return done.assign(best_known_acc=[known[k].accuracy for k in done["cell_key"]],
-                       best_known_attacks=[sorted(set(known[k].attacks.values())) for k in done["cell_key"]])
+                       best_known_attacks=[sorted(set(known[k].attacks.values())) for k in done["cell_key"]],
+                       flags=[flags[k] for k in done["cell_key"]])
+
+
+def cell_flag_map(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """Cell key -> the evaluation-quality flags of every finished cell in the store."""
+    done = with_best_known(done_cells(cells_frame(engine)), done_samples(engine))
+    return dict(zip(done["cell_key"], done["flags"]))
 
 
 def installed_entries() -> dict[tuple[str, str], dict[str, Any]]:

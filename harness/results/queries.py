@@ -1,26 +1,31 @@
 """Every query of the results store, in one place: the engine, the analyses and the reports read and
-write cells, samples, runs and analysis records only through these functions."""
+write cells, samples, runs, claims and analysis records only through these functions."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from typing import Any, Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from harness.core.keys import content_hash
-from harness.results.schema import Analysis, Cell, Run, SampleResult, utcnow
+from harness.results.schema import Analysis, Cell, Claim, Run, SampleResult, utcnow
 
-__all__ = ["find_cell", "done_indices", "reset_cell", "add_samples", "sample_outcomes", "finish_cell", "new_run",
+__all__ = ["find_cell", "done_indices", "reset_cell", "add_samples", "sample_outcomes", "finish_cell", "fail_cell",
+           "claim_cell", "touch_claim", "refresh_claims", "release_claim", "retry_locked", "new_run",
            "finish_run", "list_cells", "cells_with_runs", "eot_sample_extras", "done_samples", "analysis_key",
            "save_analysis", "load_analyses", "rekey_analyses"]
 
 
 # -- cells and samples ------------------------------------------------------------------------------
 def find_cell(session: Session, key: str) -> Cell | None:
-    return session.scalar(select(Cell).where(Cell.key == key))
+    """The cell ``key`` as stored now (reloaded: another process may have changed it)."""
+    return session.scalar(select(Cell).where(Cell.key == key).execution_options(populate_existing=True))
 
 
 def done_indices(session: Session, cell: Cell) -> set[int]:
@@ -35,8 +40,18 @@ def reset_cell(session: Session, cell: Cell) -> None:
     cell.metrics = {}
 
 
-def add_samples(session: Session, cell: Cell, rows: Iterable[dict[str, Any]]) -> None:
-    session.add_all(SampleResult(cell_id=cell.id, **row) for row in rows)
+def add_samples(session: Session, cell: Cell, rows: Iterable[dict[str, Any]]) -> int:
+    """Add the rows of ``cell`` whose index is not stored yet (re-adding one is a no-op); returns how many
+    were added."""
+    rows = list(rows)
+    if not rows:
+        return 0
+    indices = [row["index"] for row in rows]
+    stored = set(session.scalars(select(SampleResult.index).where(
+        SampleResult.cell_id == cell.id, SampleResult.index.between(min(indices), max(indices)))))
+    new = [row for row in rows if row["index"] not in stored]
+    session.add_all(SampleResult(cell_id=cell.id, **row) for row in new)
+    return len(new)
 
 
 def sample_outcomes(session: Session, cell: Cell) -> list[tuple[int, int, int]]:
@@ -56,6 +71,12 @@ def finish_cell(session: Session, cell: Cell) -> None:
     cell.robust_acc = sum(robust_ok) / len(rows)
     cell.avg_acc = (cell.clean_acc + cell.robust_acc) / 2
     cell.status, cell.finished_at, cell.n_done = "done", utcnow(), len(rows)
+    session.commit()
+
+
+def fail_cell(session: Session, cell: Cell, error: str) -> None:
+    """Mark a cell failed with ``error`` (its stored samples are kept: a rerun retries it) and commit."""
+    cell.status, cell.error, cell.finished_at = "failed", error, utcnow()
     session.commit()
 
 
@@ -83,11 +104,12 @@ def eot_sample_extras(engine: Engine, protocol: str) -> list[tuple[str, int, int
             .join(SampleResult, SampleResult.cell_id == Cell.id).where(Cell.protocol == protocol)).all()]
 
 
-def done_samples(engine: Engine) -> list[tuple[str, int, int, int, int]]:
-    """``(cell key, index, label, clean_pred, adv_pred)`` of every sample of every finished cell."""
+def done_samples(engine: Engine) -> list[tuple[str, int, int, int, int, dict | None]]:
+    """``(cell key, index, label, clean_pred, adv_pred, extra)`` of every sample of every finished cell."""
     with Session(engine) as session:
         return [tuple(row) for row in session.execute(
-            select(Cell.key, SampleResult.index, SampleResult.label, SampleResult.clean_pred, SampleResult.adv_pred)
+            select(Cell.key, SampleResult.index, SampleResult.label, SampleResult.clean_pred, SampleResult.adv_pred,
+                   SampleResult.extra)
             .join(SampleResult, SampleResult.cell_id == Cell.id).where(Cell.status == "done")).all()]
 
 
@@ -104,6 +126,90 @@ def new_run(session: Session, command: str, provenance: Mapping[str, Any]) -> Ru
 def finish_run(session: Session, run: Run, status: str) -> None:
     run.status, run.finished_at = status, utcnow()
     session.commit()
+
+
+# -- claims (which process computes a cell) and lock retries -------------------------------------------
+T = TypeVar("T")
+#: how often a write that still finds the database locked after SQLite's busy timeout is tried
+LOCK_ATTEMPTS = 3
+
+
+def retry_locked(session: Session, write: Callable[[], T], attempts: int = LOCK_ATTEMPTS) -> T:
+    """``write()`` (which commits); rolled back and run again, up to ``attempts`` times, while SQLite
+    reports "database is locked". ``write`` must redo all of its changes (a rollback drops them)."""
+    attempt = 1
+    while True:
+        try:
+            return write()
+        except OperationalError as exc:
+            if attempt >= attempts or "database is locked" not in str(exc):
+                raise
+            session.rollback()
+            time.sleep(attempt)
+            attempt += 1
+
+
+def claim_cell(engine: Engine, key: str, owner: str, timeout: float) -> bool:
+    """Claim cell ``key`` for ``owner``; True if ``owner`` holds the claim now. The insert is atomic (the
+    cell key is the claim's primary key). A claim whose heartbeat is older than ``timeout`` seconds
+    belongs to a dead process: it is taken over, and the run that last worked on the cell, if still
+    ``running``, is marked ``abandoned``."""
+    with Session(engine) as session:
+        return retry_locked(session, lambda: _claim(session, key, owner, timeout))
+
+
+def _claim(session: Session, key: str, owner: str, timeout: float) -> bool:
+    now = utcnow()
+    expired = now - dt.timedelta(seconds=timeout)
+    heartbeat = session.scalar(select(Claim.heartbeat_at).where(Claim.cell_key == key))
+    if heartbeat is None:
+        try:
+            session.execute(insert(Claim).values(cell_key=key, owner=owner, claimed_at=now, heartbeat_at=now))
+            session.commit()
+            return True
+        except IntegrityError:  # claimed by another process at this very moment
+            session.rollback()
+            return False
+    if heartbeat >= expired:
+        return False
+    taken = session.execute(update(Claim).where(Claim.cell_key == key, Claim.heartbeat_at < expired)
+                            .values(owner=owner, claimed_at=now, heartbeat_at=now)
+                            .execution_options(synchronize_session=False)).rowcount == 1
+    if taken:
+        last_run = select(Cell.run_id).where(Cell.key == key).scalar_subquery()
+        session.execute(update(Run).where(Run.id == last_run, Run.status == "running")
+                        .values(status="abandoned", finished_at=now).execution_options(synchronize_session=False))
+    session.commit()
+    return taken
+
+
+def touch_claim(session: Session, key: str, owner: str) -> bool:
+    """Refresh ``owner``'s heartbeat on cell ``key`` in the session's transaction (no commit); False if
+    the claim is no longer ``owner``'s (it expired and was taken over)."""
+    return session.execute(update(Claim).where(Claim.cell_key == key, Claim.owner == owner)
+                           .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
+                           ).rowcount == 1
+
+
+def refresh_claims(engine: Engine, owner: str) -> None:
+    """Refresh the heartbeat of every claim of ``owner``."""
+    with Session(engine) as session:
+        def write() -> None:
+            session.execute(update(Claim).where(Claim.owner == owner).values(heartbeat_at=utcnow())
+                            .execution_options(synchronize_session=False))
+            session.commit()
+
+        retry_locked(session, write)
+
+
+def release_claim(engine: Engine, key: str, owner: str) -> None:
+    """Delete ``owner``'s claim on cell ``key`` (the cell is done, failed or interrupted)."""
+    with Session(engine) as session:
+        def write() -> None:
+            session.execute(delete(Claim).where(Claim.cell_key == key, Claim.owner == owner))
+            session.commit()
+
+        retry_locked(session, write)
 
 
 # -- analyses ---------------------------------------------------------------------------------------
