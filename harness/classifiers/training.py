@@ -18,7 +18,6 @@ initial weights are drawn under :func:`torch.random.fork_rng`, everything else f
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 

@@ -20,17 +20,12 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
-import secrets
 import shlex
 import signal
-import socket
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from sqlalchemy.engine import Engine
@@ -54,12 +49,13 @@ from harness.data.variants import apply_variant, parse_variant, variant_registry
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
                                          own_network)
 from harness.evaluation.checks import batch_flags
+from harness.evaluation.concurrency import CLAIM_TIMEOUT_ENV, ClaimLost, Claims, Signals, claim_timeout
+from harness.evaluation.guards import CheckedDefense, check_batch
 from harness.evaluation.metrics import batch_quality, merge_quality
 from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
 from harness.results.provenance import code_provenance
-from harness.results.queries import (add_samples, claim_cell, done_indices, fail_cell, find_cell, finish_cell,
-                                     finish_run, new_run, refresh_claims, release_claim, reset_cell, retry_locked,
-                                     touch_claim)
+from harness.results.queries import (add_samples, done_indices, fail_cell, find_cell, finish_cell, finish_run,
+                                     new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
 __all__ = ["DEFAULT_ATTACK", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
@@ -70,9 +66,6 @@ DEFAULT_ATTACK = {"name": "pgd", "steps": 20}
 DEFAULT_PROTOCOLS = ("non-adaptive", "adaptive")
 SUBSET_SEED = 0
 SUBSET_RULE = f"first n of a fixed permutation (seed {SUBSET_SEED})"
-#: seconds without a heartbeat after which a claim on a cell is taken over (its owner is presumed dead)
-CLAIM_TIMEOUT_ENV = "HARNESS_CLAIM_TIMEOUT"
-DEFAULT_CLAIM_TIMEOUT = 120.0
 POLL_SECONDS = 1.0  # how often the cells other processes compute are checked, at the end of a grid
 OTHER_PROCESS = "computed by another process"
 
@@ -384,142 +377,14 @@ def _open_cell(session: Session, planned: _PlannedCell, run: Run, network: _Netw
     return cell
 
 
-def _check_batch(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel, norms: torch.Tensor) -> None:
-    """Every adversarial image must lie within eps of its clean image and inside [0, 1]."""
-    if x_adv.min() < 0 or x_adv.max() > 1 or bool((norms > threat.eps.value * (1 + 1e-5) + 1e-6).any()):
-        raise RuntimeError(f"attack left the threat model ({threat.norm} eps {threat.eps}): "
-                           f"max norm {norms.max():.6f}, range [{x_adv.min():.4f}, {x_adv.max():.4f}]")
-
-
-class _Checked(Defense):
-    """``defense`` with its outputs checked on every call: purified images of the input's shape, and
-    finite logits of shape (batch, classes of the dataset). Anything else raises, so it fails the cell
-    instead of being stored as (class-0) predictions."""
-
-    def __init__(self, defense: Defense, num_classes: int):
-        super().__init__(defense.classifier, defense.purifier)
-        self.num_classes = num_classes
-        self.train(defense.training)
-
-    def purify(self, x: torch.Tensor, noise: Any) -> torch.Tensor:
-        purified = super().purify(x, noise)
-        if tuple(purified.shape) != tuple(x.shape):
-            raise ValueError(f"the purifier returned images of shape {tuple(purified.shape)} for inputs of "
-                             f"shape {tuple(x.shape)}")
-        return purified
-
-    def forward(self, x: torch.Tensor, noise: Any) -> torch.Tensor:
-        logits = super().forward(x, noise)
-        if tuple(logits.shape) != (len(x), self.num_classes):
-            raise ValueError(f"the defense returned logits of shape {tuple(logits.shape)}, expected "
-                             f"({len(x)}, {self.num_classes})")
-        finite = torch.isfinite(logits)
-        if not bool(finite.all()):
-            raise ValueError(f"the defense returned non-finite logits ({int((~finite).sum())} of "
-                             f"{logits.numel()} values are NaN or inf)")
-        return logits
-
-
-class _Signals:
-    """SIGINT/SIGTERM in a :meth:`deferred` stretch (a cell's batches, a claim's write) stop the run at its
-    end: after the batch in flight is committed. A second signal, or one at any other moment (training,
-    waiting), stops it at once. Handlers are installed only in the main thread, and restored on exit."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._deferring = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        first = self.received is None
-        self.received = self.received or signum
-        if not (first and self._deferring):
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Hold signals back until the end of the block, then stop there if one came."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-        self.check()
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-
-
-class _Claims:
-    """This process's claims on cells (owner ``host:pid:token``), kept alive by a heartbeat thread every
-    quarter of the timeout (at most 10 s), on top of the heartbeat of every batch commit."""
-
-    def __init__(self, engine: Engine, timeout: float):
-        self.engine, self.timeout = engine, timeout
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="harness-heartbeat", daemon=True)
-
-    def __enter__(self) -> _Claims:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def acquire(self, key: str) -> bool:
-        return claim_cell(self.engine, key, self.owner, self.timeout)
-
-    def release(self, key: str) -> None:
-        release_claim(self.engine, key, self.owner)
-
-    def touch(self, session: Session, key: str) -> bool:
-        return touch_claim(session, key, self.owner)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(min(10.0, self.timeout / 4)):
-            try:
-                refresh_claims(self.engine, self.owner)
-            except Exception:  # noqa: BLE001 - a missed heartbeat is made up by the next one
-                log.warning("could not refresh the claims of %s", self.owner, exc_info=True)
-
-
-def _claim_timeout() -> float:
-    value = os.environ.get(CLAIM_TIMEOUT_ENV, "")
-    try:
-        timeout = float(value) if value else DEFAULT_CLAIM_TIMEOUT
-    except ValueError:
-        timeout = 0.0
-    if not timeout > 0:
-        raise UsageError(f"${CLAIM_TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
-    return timeout
-
-
-class _ClaimLost(Exception):
-    """Another process took over this cell's claim (ours had expired): the cell is left to it."""
-
-
 @dataclass
 class _Worker:
     """What computing cells needs in this process: the session, the run, the claims and the signals."""
 
     session: Session
     run: Run
-    claims: _Claims
-    signals: _Signals
+    claims: Claims
+    signals: Signals
 
 
 def _store_batch(worker: _Worker, cell: Cell, rows: list[dict[str, Any]], quality: dict[str, torch.Tensor] | None,
@@ -553,7 +418,7 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
     session = worker.session
     attack = planned.attack_instance()
     test = planned.split
-    defense = _Checked(defense, test.info.num_classes)
+    defense = CheckedDefense(defense, test.info.num_classes)
     measure_quality = planned.entry.kind is Kind.PURIFIER
     done = done_indices(session, cell)
     todo = [i for i in evaluation_subset(len(test.labels), cell.n).tolist() if i not in done]
@@ -568,7 +433,7 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
                 cell.metrics = {**(cell.metrics or {}), "flags": _first_batch_flags(planned, defense, x, y, indices)}
             result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
             norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
-            _check_batch(result.x_adv, x, planned.threat, norms)
+            check_batch(result.x_adv, x, planned.threat, norms)
             quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
                                     indices) if measure_quality else None
             extras = result.extra or [None] * len(batch)
@@ -577,7 +442,7 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
                     for i, lab, c, a, p, e in zip(batch, y, result.clean_pred, result.adv_pred, norms, extras)]
             seconds = time.time() - started
             if not retry_locked(session, functools.partial(_store_batch, worker, cell, rows, quality, seconds)):
-                raise _ClaimLost(cell.key)
+                raise ClaimLost(cell.key)
             worker.signals.check()
     retry_locked(session, lambda: finish_cell(session, cell))
 
@@ -633,14 +498,14 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntr
     registry = registry or defense_registry()
     entries = _entries(request, registry)
     protocols, threats = _validate(request, entries)
-    timeout = _claim_timeout()
+    timeout = claim_timeout()
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root, allow_train=request.allow_train)
     splits = {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
     grid = _Grid(request, registry, protocols, threats, test, splits, artifacts, _Classifiers(request, artifacts))
     slots: list[_Slot] = []
-    with Session(engine, expire_on_commit=False) as session, _Claims(engine, timeout) as claims, \
-            _Signals() as signals:
+    with Session(engine, expire_on_commit=False) as session, Claims(engine, timeout) as claims, \
+            Signals() as signals:
         run = retry_locked(session, lambda: new_run(session, shlex.join(sys.argv), code_provenance()))
         worker = _Worker(session, run, claims, signals)
         try:
@@ -781,7 +646,7 @@ class _EntryCells:
             return self._outcome(item, cell, "failed", OTHER_PROCESS)
         try:
             return self._outcome(item, self._compute(item, force), "done")
-        except _ClaimLost:
+        except ClaimLost:
             log.warning("cell %s was taken over by another process", item.key)
             return None
         except UsageError:
