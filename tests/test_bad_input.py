@@ -110,7 +110,7 @@ CASES = [
     ({"attack": "pgd:step_size=nan"}, "step_size must be a finite number > 0, got nan"),
     ({"attack": "pgd:random_start=maybe"}, "random_start must be true or false, got 'maybe'"),
     ({"attack": "autoattack:version=foo"}, "bad options for attack 'autoattack': unknown AutoAttack version 'foo'; "
-                                           "valid: standard, rand, apgd-ce"),
+                                           "valid: standard, rand, plus"),
     ({"attack": "autoattack:version=rnd"}, "unknown AutoAttack version 'rnd' (did you mean 'rand'?)"),
     ({"attack": "pgd:stepz=3"}, "bad options for attack 'pgd': no option 'stepz' (did you mean 'steps'?); "
                                 "valid: steps, step_size, random_start, eot"),

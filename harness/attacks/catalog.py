@@ -41,8 +41,8 @@ def attack_registry() -> Registry[AttackFactory]:
         registry.add("pgd", PGD, summary="PGD, l_inf or l_2, random start, EOT: "
                      "pgd[:steps=N,step_size=S,eot=K,random_start=true]",
                      paper="Madry et al., ICLR 2018; EOT: Athalye et al., ICML 2018")
-        registry.add("autoattack", AutoAttackAdapter, summary="AutoAttack through the autoattack library: "
-                     "autoattack[:version=standard|rand]", paper="Croce & Hein, ICML 2020")
+        registry.add("autoattack", AutoAttackAdapter, summary=AutoAttackAdapter.summary,
+                     paper=AutoAttackAdapter.paper)
         for attack in (APGDCE, APGDDLR, APGDT, FABT, Square):
             registry.add(attack.name, attack, summary=attack.summary, paper=attack.paper)
         _registry = registry

@@ -8,8 +8,8 @@ every setting that changes its result in ``params()``.
 * ``square``: Square, black-box, score-based (Andriushchenko et al., ECCV 2020), ``queries`` per point.
 
 Like AutoAttack, the library re-forms batches as points fall, so a target with fixed per-sample
-randomness is attacked one sample at a time (:class:`~harness.attacks.autoattack.AutoAttackAdapter`
-does the same for the ensemble).
+randomness is attacked one sample at a time; :class:`~harness.attacks.autoattack.AutoAttackAdapter` runs
+the ensemble the same way.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def _positive_int(name: str, value: Any) -> int:
 class LibraryAttack(Attack):
     """One attack of the autoattack library (``library_name``), run as its ``custom`` version."""
 
-    library_name: str
-    label_text: str
+    library_name: str = ""
+    label_text: str = ""
     summary: str
     paper = "Croce & Hein, ICML 2020"
 
@@ -72,6 +72,10 @@ class LibraryAttack(Attack):
     def label(self) -> str:
         return self.label_text
 
+    def library_arguments(self) -> dict[str, Any]:
+        """How the library runs this attack: its ``custom`` version with this one attack."""
+        return {"version": "custom", "attacks": [self.library_name]}
+
     def configure(self, attack: Any) -> None:
         """Set the library's attack objects to :meth:`settings`."""
 
@@ -79,7 +83,7 @@ class LibraryAttack(Attack):
         from pyautoattack import AutoAttack
 
         attack = AutoAttack(module, norm=_NORMS[self.threat.norm], eps=self.threat.eps.value, seed=seed,
-                            version="custom", attacks=[self.library_name], device=x.device)
+                            device=x.device, **self.library_arguments())
         attack.verbose = False
         self.configure(attack)
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
