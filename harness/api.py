@@ -30,7 +30,7 @@ from harness.core.registry import Registry
 from harness.core.threat import Epsilon, ThreatModel
 from harness.data import DatasetInfo, Split, dataset_info, load_split
 from harness.evaluation.protocols import Protocol, protocol_registry
-from harness.evaluation.runner import DEFAULT_ATTACK, DEFAULT_PROTOCOLS, RunRequest, run_grid
+from harness.evaluation.runner import DEFAULT_ATTACKS, DEFAULT_PROTOCOLS, RunRequest, run_grid
 from harness.results.database import open_db
 from harness.toolkit.diffusion import (DiffusionPurifier, LoadedUNet, build_unet, checkpointed, ddpm_preset,
                                        diffusion_options, load_entry_unet, shared_ddpm, train_entry_ddpm)
@@ -83,7 +83,7 @@ def _attack(spec: str | Mapping[str, Any]) -> dict[str, Any]:
 
 def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module | DefenseEntry | str], *,
              dataset: str = "cifar10", threat: str = "linf", eps: str | float | Iterable[str | float] = "8/255",
-             attacks: str | Mapping[str, Any] | Iterable[str | Mapping[str, Any]] = (DEFAULT_ATTACK,),
+             attacks: str | Mapping[str, Any] | Iterable[str | Mapping[str, Any]] = DEFAULT_ATTACKS,
              protocols: str | Iterable[str] = DEFAULT_PROTOCOLS, n: int = 512, seeds: int | Iterable[int] = (0,),
              db: str | Engine | None = None, name: str | None = None, classifier: str = DEFAULT_CLASSIFIER,
              variants: str | Iterable[str] = ("clean",), variant_seed: int = 0, preset: str | None = None,

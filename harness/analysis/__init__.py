@@ -1,5 +1,6 @@
-"""Analyses beyond accuracy tables, as numbers: the fixed-randomness study (distances, spread,
-compression, fixed-vs-fresh gains and their correlation). :mod:`harness.report` renders them."""
+"""Analyses beyond one cell, as numbers: best-known robust accuracy (``best_known``), the flags that need
+several cells (``flags``), and the fixed-randomness study (distances, spread, compression, fixed-vs-fresh
+gains and their correlation). :mod:`harness.report` renders them."""
 
 from harness.analysis.fixed_randomness import (CompressionStats, DistanceStats, SpreadStats, analyse,
                                                compression_rates, distances_to_clean, randomness_spread)

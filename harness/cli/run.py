@@ -23,7 +23,7 @@ __all__ = ["run"]
 @click.option("--threat", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
 @click.option("--eps", "eps", multiple=True, default=("8/255",), show_default=True,
               help="Radius as 8/255 or 0.0314; several for a grid.")
-@click.option("--attack", "attacks", multiple=True, default=("pgd:steps=20",), show_default=True,
+@click.option("--attack", "attacks", multiple=True, default=("pgd:steps=20", "autoattack"), show_default=True,
               help=f"NAME[:key=value,...], one of: {registry_help('attack')} (see `harness list --attacks`).")
 @click.option("--protocol", "protocols", multiple=True, default=("non-adaptive,adaptive",), show_default=True,
               help=f"Any of: {registry_help('protocol')} (see `harness list --protocols`).")

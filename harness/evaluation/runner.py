@@ -58,11 +58,14 @@ from harness.results.queries import (add_samples, done_indices, fail_cell, find_
                                      new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACK", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
            "evaluation_subset", "run_grid"]
 
 log = logging.getLogger(__name__)
-DEFAULT_ATTACK = {"name": "pgd", "steps": 20}
+#: PGD-20 and AutoAttack standard: on the trained small classifiers PGD-20 alone was 4.9 points weaker than
+#: AutoAttack at 2/255 on CIFAR-10 and 12.1 at 8/255 on Fashion-MNIST (README, "What a run does"); the
+#: best-known accuracy over both is the headline
+DEFAULT_ATTACKS = ({"name": "pgd", "steps": 20}, {"name": "autoattack", "version": "standard"})
 DEFAULT_PROTOCOLS = ("non-adaptive", "adaptive")
 SUBSET_SEED = 0
 SUBSET_RULE = f"first n of a fixed permutation (seed {SUBSET_SEED})"
@@ -91,7 +94,7 @@ class RunRequest:
     classifier: str = DEFAULT_CLASSIFIER
     threat: str = "linf"
     eps: tuple[str, ...] = ("8/255",)
-    attacks: tuple[Mapping[str, Any], ...] = (DEFAULT_ATTACK,)
+    attacks: tuple[Mapping[str, Any], ...] = DEFAULT_ATTACKS
     protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
     n: int = 512
     seeds: tuple[int, ...] = (0,)
