@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -362,3 +363,17 @@ def test_screenshot(out, tmp_path):
         assert img.size == (1280, 900)
         stddev = ImageStat.Stat(img.convert("L")).stddev[0]
     assert stddev > 10  # not a blank page
+
+
+def test_a_bad_templates_folder_or_format_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    db = tmp_path / "r.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "results-0.1.0.db", db)
+    for args in (["--templates", str(tmp_path / "nowhere")], ["--format", "pdf"]):
+        result = CliRunner().invoke(main, ["report", "--db", str(db), "--out", str(tmp_path / "out"), *args])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert result.output.strip().splitlines()[-1].startswith("Error: ")
+        assert not (tmp_path / "out").exists()

@@ -123,9 +123,8 @@ class APGDDLR(_APGD):
     summary = "APGD on the DLR loss: apgd-dlr[:restarts=5,iterations=100]"
 
 
-class APGDT(LibraryAttack):
-    name, library_name, label_text = "apgd-t", "apgd-t", "APGD-T"
-    summary = "targeted APGD on the DLR loss: apgd-t[:targets=9,iterations=100]"
+class _Targeted(LibraryAttack):
+    """A targeted library attack against the ``targets`` most likely wrong classes, one restart each."""
 
     def __init__(self, threat: ThreatModel, targets: int = 9, iterations: int = 100, batch_size: int = 256):
         super().__init__(threat, batch_size)
@@ -134,24 +133,21 @@ class APGDT(LibraryAttack):
 
     def settings(self):
         return {"targets": self.targets, "restarts": 1, "iterations": self.iterations}
+
+
+class APGDT(_Targeted):
+    name, library_name, label_text = "apgd-t", "apgd-t", "APGD-T"
+    summary = "targeted APGD on the DLR loss: apgd-t[:targets=9,iterations=100]"
 
     def configure(self, attack):
         attack.apgd_targeted.n_target_classes, attack.apgd_targeted.n_restarts = self.targets, 1
         attack.apgd_targeted.n_iter = self.iterations
 
 
-class FABT(LibraryAttack):
+class FABT(_Targeted):
     name, library_name, label_text = "fab-t", "fab-t", "FAB-T"
     summary = "targeted FAB: fab-t[:targets=9,iterations=100]"
     paper = "Croce & Hein, ICML 2020 (FAB)"
-
-    def __init__(self, threat: ThreatModel, targets: int = 9, iterations: int = 100, batch_size: int = 256):
-        super().__init__(threat, batch_size)
-        self.targets = _positive_int("targets", targets)
-        self.iterations = _positive_int("iterations", iterations)
-
-    def settings(self):
-        return {"targets": self.targets, "restarts": 1, "iterations": self.iterations}
 
     def configure(self, attack):
         attack.fab.n_target_classes, attack.fab.n_iter = self.targets, self.iterations

@@ -23,10 +23,11 @@ from sqlalchemy.engine import Engine
 import harness
 
 from harness.analysis.best_known import best_known
+from harness.core.errors import UsageError
 from harness.analysis.flags import cell_flags
 from harness.results.queries import done_samples
 from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
-from harness.report.html import ExtraSection, render_html
+from harness.report.html import ExtraSection, environment, render_html
 from harness.report.quality import quality_sections
 from harness.report.randomness import randomness_sections
 from harness.report.tables import LeaderTable, build_tables, to_latex, to_markdown, write_cells_csv
@@ -124,7 +125,9 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
         formats = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"unknown report format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown report format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
+    if "html" in formats:
+        environment(templates)  # a bad templates folder fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
