@@ -30,7 +30,7 @@ from harness.core.registry import Registry
 from harness.core.threat import Epsilon, ThreatModel
 from harness.data import DatasetInfo, Split, dataset_info, load_split
 from harness.evaluation.protocols import Protocol, protocol_registry
-from harness.evaluation.runner import DEFAULT_ATTACKS, DEFAULT_PROTOCOLS, RunRequest, run_grid
+from harness.evaluation.runner import DEFAULT_ATTACKS, DEFAULT_PROTOCOLS, RunRequest, check_request, run_grid
 from harness.results.database import open_db
 from harness.toolkit.diffusion import (DiffusionPurifier, LoadedUNet, build_unet, checkpointed, ddpm_preset,
                                        diffusion_options, load_entry_unet, shared_ddpm, train_entry_ddpm)
@@ -114,6 +114,8 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
         train_datasets=tuple(train_datasets), train_classifier=train_classifier, options=dict(options or {}),
         batch_size=batch_size, force=force, allow_train=allow_train, train_seed=train_seed, data_root=data_root,
         artifact_root=artifact_root, progress=progress)
+    if not isinstance(db, Engine):
+        check_request(request, registry)  # bad input creates no store
     engine = db if isinstance(db, Engine) else open_db(db)
     outcomes = run_grid(request, engine, registry)
     rows = [{"key": o.key, "defense": o.defense, "train_dataset": o.train_dataset, "variant": o.variant,

@@ -365,3 +365,12 @@ def test_damaged_cached_artifact(store, tiny_cifar, weights, damage):
     # a run finds the same damage before it records anything
     assert f"cached artifact {folder} {damage}" in invoke(*run_args(store, "trained:tiny"))
     assert rows(store) == before and files(folder) == cached
+
+
+def test_bad_input_creates_no_results_db(tiny_cifar, classifier_file, tmp_path):
+    """A new ``--db`` path stays absent when the request is refused."""
+    db = tmp_path / "new.db"
+    result = CliRunner().invoke(main, ["run", "--defense", "none", "--classifier", classifier_file, "--eps", "abc",
+                                       "--db", str(db), "--no-progress"])
+    assert result.exit_code != 0 and "cannot read epsilon 'abc'" in result.output
+    assert not db.exists()

@@ -59,6 +59,7 @@ from harness.results.queries import (add_samples, done_indices, fail_cell, find_
 from harness.results.schema import Cell, Run
 
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
+           "check_request",
            "evaluation_subset", "run_grid"]
 
 log = logging.getLogger(__name__)
@@ -491,6 +492,12 @@ class _Grid:
             classifier = self.classifiers.get(r.train_classifier or r.classifier, info)
             out[name] = TrainSource(info, load_split(name, "train", r.data_root).fingerprint, classifier)
         return out
+
+
+def check_request(request: RunRequest, registry: Registry[DefenseEntry] | None = None) -> None:
+    """Check every axis of ``request`` as :func:`run_grid` does first, without opening any store: bad
+    input then creates no results DB either."""
+    _validate(request, _entries(request, registry or defense_registry()))
 
 
 def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntry] | None = None
