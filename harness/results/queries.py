@@ -63,7 +63,8 @@ def sample_outcomes(session: Session, cell: Cell) -> list[tuple[int, int, int]]:
 
 def finish_cell(session: Session, cell: Cell) -> None:
     """Compute a cell's accuracies from its samples (robust counts only clean-correct points), mark it
-    done and commit."""
+    done, drop its claim and commit: one transaction, so a process killed right after it leaves no claim
+    on a finished cell."""
     rows = sample_outcomes(session, cell)
     clean_ok = [c == label for label, c, _ in rows]
     robust_ok = [ok and a == label for ok, (label, _, a) in zip(clean_ok, rows)]
@@ -71,6 +72,7 @@ def finish_cell(session: Session, cell: Cell) -> None:
     cell.robust_acc = sum(robust_ok) / len(rows)
     cell.avg_acc = (cell.clean_acc + cell.robust_acc) / 2
     cell.status, cell.finished_at, cell.n_done = "done", utcnow(), len(rows)
+    session.execute(delete(Claim).where(Claim.cell_key == cell.key))
     session.commit()
 
 
