@@ -3,8 +3,12 @@ thread, and a saved untrained classifier."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -94,3 +98,31 @@ def classifier_file(tmp_path) -> str:
         torch.manual_seed(0)
         model = build_classifier("convnet-tiny", 10)
     return str(save_classifier(model, "convnet-tiny", 10, tmp_path / "c.safetensors"))
+
+
+@contextlib.contextmanager
+def serve(files: dict[str, bytes]) -> Iterator[str]:
+    """Serve ``files`` (URL path -> body) on a loopback port; yields the base URL."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

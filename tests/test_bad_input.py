@@ -9,10 +9,7 @@ import io
 import os
 import sqlite3
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from conftest import serve
 from harness.cli import main
 from harness.results import open_db
 from harness.results.schema import SCHEMA_VERSION, StoreInfo
@@ -247,35 +245,11 @@ def test_archive_whose_images_are_not_images(store, tmp_path):
     assert rows(store) == before and files(_data()) == data
 
 
-@contextlib.contextmanager
-def _serve(path: str, body: bytes) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server name
-            ok = self.path == path
-            self.send_response(200 if ok else 404)
-            self.send_header("Content-Length", str(len(body) if ok else 0))
-            self.end_headers()
-            if ok:
-                self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_tampered_download_is_refused(store, tiny_cifar, tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     body = _tar_gz(tiny_cifar, tmp_path / "cifar-10-python.tar.gz").read_bytes()
     before, data = rows(store), files(_data())
-    with _serve("/cifar-10-python.tar.gz", body) as base:
+    with serve({"/cifar-10-python.tar.gz": body}) as base:
         message = invoke("data", "fetch", "cifar10", "--url", f"{base}/cifar-10-python.tar.gz")
     assert (f"checksum mismatch for {base}/cifar-10-python.tar.gz: expected md5 c58f30108f718f92721af3b95e74349a, "
             f"got {hashlib.md5(body).hexdigest()}; the download was deleted and nothing was imported") in message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -10,17 +9,15 @@ import os
 import pickle
 import re
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import serve
 from harness.data import (DatasetInfo, Split, dataset_info, dataset_names, dataset_status, fetch_dataset,
                           import_dataset, load_split, disk)
 from harness.core.errors import MissingArtifactError, UsageError
@@ -103,34 +100,6 @@ def make_imagefolder(root: Path, classes: dict[str, list[str]], seed: int = 0) -
                 write_png(root / split / cls / file, hwc)
                 pixels[f"{split}/{cls}/{file}"] = hwc.transpose(2, 0, 1)
     return pixels
-
-
-@contextlib.contextmanager
-def serve(files: dict[str, bytes]) -> Iterator[str]:
-    """Serve ``files`` (URL path -> body) on a loopback port; yields the base URL."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def assert_split(split: Split, images: np.ndarray, labels: np.ndarray) -> None:
