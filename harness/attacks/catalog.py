@@ -15,6 +15,7 @@ from harness.attacks.autoattack import AutoAttackAdapter
 from harness.attacks.base import Attack
 from harness.attacks.library import APGDCE, APGDDLR, APGDT, FABT, Square
 from harness.attacks.pgd import PGD
+from harness.attacks.transfer import TransferAttack
 from harness.core.errors import UsageError
 from harness.core.registry import Registry, suggest
 from harness.core.threat import ThreatModel
@@ -45,6 +46,8 @@ def attack_registry() -> Registry[AttackFactory]:
                      paper=AutoAttackAdapter.paper)
         for attack in (APGDCE, APGDDLR, APGDT, FABT, Square):
             registry.add(attack.name, attack, summary=attack.summary, paper=attack.paper)
+        registry.add(TransferAttack.name, TransferAttack, summary=TransferAttack.summary,
+                     paper=TransferAttack.paper)
         _registry = registry
     return _registry
 

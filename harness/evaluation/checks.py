@@ -38,7 +38,7 @@ FLAG_HELP = {
                   "outside its noise argument, or is random although declared deterministic",
     "probabilities": "outputs look like probabilities, not logits: cross-entropy gradients are flattened",
     "vanishing-gradients": "input gradients are zero or vanishing on many points (gradient masking?): "
-                           "try the bpda protocol or a black-box attack (square)",
+                           "try the bpda protocol or a black-box attack (square, transfer)",
     "dynamic": "the defense computes gradients in its forward pass (test-time optimisation): a fixed "
                "attack budget may not see through it",
 }
