@@ -1,10 +1,12 @@
 """Shared fixtures: an isolated harness home, a tiny synthetic CIFAR-10, the real JPEG copy, one torch
-thread, and a saved untrained classifier."""
+thread, a saved untrained classifier, and results stores on both back ends (``db_url``: SQLite, and
+PostgreSQL when ``$HARNESS_TEST_POSTGRES_URL`` names a server, e.g. the one ``.ci/run`` starts)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -126,3 +128,66 @@ def serve(files: dict[str, bytes]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+# -- results stores on both back ends ---------------------------------------------------------------
+#: a PostgreSQL URL (``postgresql+psycopg://user@host:port/db``) on which the tests may create schemas
+POSTGRES_ENV = "HARNESS_TEST_POSTGRES_URL"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def postgres_url() -> str:
+    """``$HARNESS_TEST_POSTGRES_URL``, or skip the test with the reason."""
+    url = os.environ.get(POSTGRES_ENV, "")
+    if not url:
+        pytest.skip(f"PostgreSQL back end not tested: ${POSTGRES_ENV} is not set (.ci/run starts a server and "
+                    f"sets it)")
+    return url
+
+
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A new, empty schema on the PostgreSQL server at ``url``; yields a URL whose connections use it
+    (``search_path``), in a session time zone other than UTC (times must not depend on it), and drops it
+    with everything in it at the end."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    name = f"harness_test_{secrets.token_hex(6)}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE SCHEMA {name}"))
+    try:
+        yield make_url(url).update_query_dict(
+            {"options": f"-csearch_path={name} -ctimezone=America/New_York"}).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text("SET lock_timeout = '10s'"))  # a test that left a transaction open
+            connection.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def results_store(backend: str, folder: Path) -> Iterator[str]:
+    """The URL (or file path) of a new, empty results store on ``backend``."""
+    if backend == "sqlite":
+        yield str(folder / "r.db")
+        return
+    with postgres_schema(postgres_url()) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A new results store on each back end (SQLite file; PostgreSQL schema, or skipped with the reason)."""
+    with results_store(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_db_url(request, tmp_path_factory) -> Iterator[str]:
+    """:func:`db_url`, shared by the tests of a module."""
+    with results_store(request.param, tmp_path_factory.mktemp("store")) as url:
+        yield url

@@ -44,7 +44,7 @@ def _cli_args(eps=GRID["eps"], seeds=GRID["seeds"]) -> list[str]:
 class _Process:
     """``harness run`` in a subprocess on one torch thread, its output in files."""
 
-    def __init__(self, tmp: Path, name: str, db: Path, classifier: str, args: list[str], claim_timeout: float):
+    def __init__(self, tmp: Path, name: str, db: Path | str, classifier: str, args: list[str], claim_timeout: float):
         self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
         env = dict(os.environ, OMP_NUM_THREADS="1", HARNESS_CLAIM_TIMEOUT=str(claim_timeout))
         with open(self.out, "w") as out, open(self.err, "w") as err:
@@ -80,22 +80,22 @@ def _samples(db: Path) -> list[tuple]:
     """Every stored sample, by cell key and index."""
     engine = open_db(str(db))
     with Session(engine) as session:
-        rows = session.execute(select(Cell.key, SampleResult.index, SampleResult.label, SampleResult.clean_pred,
+        rows = session.execute(select(Cell.key, SampleResult.sample_index, SampleResult.label, SampleResult.clean_pred,
                                       SampleResult.adv_pred, SampleResult.perturbation)
                                .join(Cell, SampleResult.cell_id == Cell.id)
-                               .order_by(Cell.key, SampleResult.index)).all()
+                               .order_by(Cell.key, SampleResult.sample_index)).all()
     engine.dispose()
     return [tuple(row) for row in rows]
 
 
-def _check_complete(db: Path, cells: int) -> None:
+def _check_complete(db: Path | str, cells: int) -> None:
     """``cells`` cells, each done with exactly its n samples, each index once; no claim left."""
     engine = open_db(str(db))
     with Session(engine) as session:
         stored = list(session.scalars(select(Cell)))
         assert len(stored) == cells
         for cell in stored:
-            indices = list(session.scalars(select(SampleResult.index).where(SampleResult.cell_id == cell.id)))
+            indices = list(session.scalars(select(SampleResult.sample_index).where(SampleResult.cell_id == cell.id)))
             assert cell.status == "done" and cell.n_done == cell.n == len(indices) == len(set(indices))
         assert session.scalar(select(func.count()).select_from(Claim)) == 0
     engine.dispose()
@@ -158,8 +158,8 @@ def test_ctrl_c_stops_at_a_batch_boundary_and_the_rerun_resumes(tmp_path, classi
     assert _samples(db) == reference
 
 
-def test_three_processes_on_one_store_compute_every_cell_once(tiny_cifar, tmp_path, classifier_file):
-    db = tmp_path / "r.db"
+def test_three_processes_on_one_store_compute_every_cell_once(tiny_cifar, tmp_path, classifier_file, db_url):
+    db = db_url  # a SQLite file, or a PostgreSQL schema shared by the three processes
     grids = [(("4/255", "8/255"), (0, 1)), (("8/255",), (0, 1, 2)), (("4/255", "8/255"), (1, 2))]
     processes = [_Process(tmp_path, f"p{i}", db, classifier_file, _cli_args(eps, seeds), claim_timeout=60)
                  for i, (eps, seeds) in enumerate(grids)]
@@ -220,8 +220,8 @@ ERRORS = {"raises": "RuntimeError: purifier exploded",
           "five": "ValueError: the defense returned logits of shape (5, 5), expected (5, 10)"}
 
 
-def test_failing_cells_fail_alone_and_are_retried(tiny_cifar, tmp_path, classifier_file, one_thread):
-    engine = open_db(str(tmp_path / "r.db"))
+def test_failing_cells_fail_alone_and_are_retried(tiny_cifar, db_url, classifier_file, one_thread):
+    engine = open_db(db_url)
     request = RunRequest(defenses=("raises", "none", "nan", "cropped", "unbuildable", "five", "lost"),
                          classifier=classifier_file, protocols=("adaptive",), seeds=(0, 1), n=12, batch_size=5,
                          attacks=({"name": "pgd", "steps": 2},), progress=False)
@@ -256,8 +256,8 @@ def test_the_cli_prints_the_table_then_the_failures_and_exits_1(tiny_cifar, tmp_
 
 
 # -- claims and the artifact lock -----------------------------------------------------------------------
-def test_a_claim_blocks_until_it_expires_and_a_lost_claim_refuses_the_batch(tiny_cifar, tmp_path, classifier_file):
-    engine = open_db(str(tmp_path / "r.db"))
+def test_a_claim_blocks_until_it_expires_and_a_lost_claim_refuses_the_batch(tiny_cifar, db_url, classifier_file):
+    engine = open_db(db_url)
     request = RunRequest(defenses=("none",), classifier=classifier_file, protocols=("adaptive",), n=4,
                          attacks=({"name": "pgd", "steps": 1},), progress=False)
     (outcome,) = run_grid(request, engine)
@@ -271,9 +271,9 @@ def test_a_claim_blocks_until_it_expires_and_a_lost_claim_refuses_the_batch(tiny
         assert not touch_claim(session, outcome.key, "a") and touch_claim(session, outcome.key, "b")
         assert session.get(Run, 1).status == "abandoned"
         cell = find_cell(session, outcome.key)
-        row = dict(index=0, label=0, clean_pred=0, adv_pred=0, perturbation=0.0, extra=None)
-        existing = session.scalar(select(SampleResult.index).where(SampleResult.cell_id == cell.id))
-        assert add_samples(session, cell, [dict(row, index=existing)]) == 0  # stored already: skipped
+        row = dict(sample_index=0, label=0, clean_pred=0, adv_pred=0, perturbation=0.0, extra=None)
+        existing = session.scalar(select(SampleResult.sample_index).where(SampleResult.cell_id == cell.id))
+        assert add_samples(session, cell, [dict(row, sample_index=existing)]) == 0  # stored already: skipped
 
 
 def test_two_threads_needing_one_artifact_train_it_once(tmp_path):

@@ -1,7 +1,14 @@
 """Running beside other processes: signals that stop a run at a batch boundary, and claims on cells
 kept alive by heartbeats, so several ``harness run`` processes on one results DB compute every cell
 once. A claim whose heartbeat is older than ``$HARNESS_CLAIM_TIMEOUT`` seconds (default 120) belongs to a
-dead process and is taken over."""
+dead process and is taken over.
+
+Nothing here depends on the back end: a claim is taken by one atomic statement of
+:mod:`harness.results.queries` (``INSERT ... ON CONFLICT DO NOTHING`` on the cell key, or an ``UPDATE``
+conditioned on the expired heartbeat, which PostgreSQL re-checks on the row it locks and SQLite runs
+under its write lock), so processes on one SQLite file or on one PostgreSQL database, on any number of
+machines, compute every cell once. A heartbeat that waits for a batch's transaction (PostgreSQL's row
+lock on the claim) is only late, never lost."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 from harness import __version__
 
 TRACKED_PACKAGES = ("torch", "pyautoattack", "diffusers", "kornia", "torchmetrics", "numpy",
-                    "sqlalchemy", "pandas", "robustbench")
+                    "sqlalchemy", "alembic", "psycopg", "pandas", "robustbench")
 
 
 def _git(*args: str) -> str:

@@ -1,5 +1,11 @@
 """Every query of the results store, in one place: the engine, the analyses and the reports read and
-write cells, samples, runs, claims and analysis records only through these functions."""
+write cells, samples, runs, claims and analysis records only through these functions.
+
+They run on SQLite and PostgreSQL alike: a claim is one atomic ``INSERT ... ON CONFLICT DO NOTHING`` (the
+cell key is its primary key) or one conditional ``UPDATE`` (PostgreSQL re-checks its ``WHERE`` on the row
+it locks, SQLite holds the database's write lock), an analysis record is an upsert on its key, and a
+write that meets a transient lock error (SQLite's "database is locked", PostgreSQL's deadlock and
+serialization failures) is retried by :func:`retry_locked`."""
 
 from __future__ import annotations
 
@@ -8,9 +14,10 @@ import json
 import time
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from harness.core.keys import content_hash
@@ -29,7 +36,8 @@ def find_cell(session: Session, key: str) -> Cell | None:
 
 
 def done_indices(session: Session, cell: Cell) -> set[int]:
-    return set(session.scalars(select(SampleResult.index).where(SampleResult.cell_id == cell.id)))
+    """The dataset indices of the samples of ``cell`` stored so far."""
+    return set(session.scalars(select(SampleResult.sample_index).where(SampleResult.cell_id == cell.id)))
 
 
 def reset_cell(session: Session, cell: Cell) -> None:
@@ -41,15 +49,16 @@ def reset_cell(session: Session, cell: Cell) -> None:
 
 
 def add_samples(session: Session, cell: Cell, rows: Iterable[dict[str, Any]]) -> int:
-    """Add the rows of ``cell`` whose index is not stored yet (re-adding one is a no-op); returns how many
-    were added."""
+    """Add the rows (:class:`SampleResult` fields, ``sample_index`` the dataset index) of ``cell`` whose
+    index is not stored yet (re-adding one is a no-op); returns how many were added. Only the holder of
+    the cell's claim writes its samples."""
     rows = list(rows)
     if not rows:
         return 0
-    indices = [row["index"] for row in rows]
-    stored = set(session.scalars(select(SampleResult.index).where(
-        SampleResult.cell_id == cell.id, SampleResult.index.between(min(indices), max(indices)))))
-    new = [row for row in rows if row["index"] not in stored]
+    indices = [row["sample_index"] for row in rows]
+    stored = set(session.scalars(select(SampleResult.sample_index).where(
+        SampleResult.cell_id == cell.id, SampleResult.sample_index.between(min(indices), max(indices)))))
+    new = [row for row in rows if row["sample_index"] not in stored]
     session.add_all(SampleResult(cell_id=cell.id, **row) for row in new)
     return len(new)
 
@@ -107,11 +116,12 @@ def eot_sample_extras(engine: Engine, protocol: str) -> list[tuple[str, int, int
 
 
 def done_samples(engine: Engine) -> list[tuple[str, int, int, int, int, dict | None]]:
-    """``(cell key, index, label, clean_pred, adv_pred, extra)`` of every sample of every finished cell."""
+    """``(cell key, sample index, label, clean_pred, adv_pred, extra)`` of every sample of every finished
+    cell."""
     with Session(engine) as session:
         return [tuple(row) for row in session.execute(
-            select(Cell.key, SampleResult.index, SampleResult.label, SampleResult.clean_pred, SampleResult.adv_pred,
-                   SampleResult.extra)
+            select(Cell.key, SampleResult.sample_index, SampleResult.label, SampleResult.clean_pred,
+                   SampleResult.adv_pred, SampleResult.extra)
             .join(SampleResult, SampleResult.cell_id == Cell.id).where(Cell.status == "done")).all()]
 
 
@@ -134,21 +144,73 @@ def finish_run(session: Session, run: Run, status: str) -> None:
 T = TypeVar("T")
 #: how often a write that still finds the database locked after SQLite's busy timeout is tried
 LOCK_ATTEMPTS = 3
+#: PostgreSQL's SQLSTATEs of a transaction that may succeed when run again: serialization failure,
+#: deadlock detected, lock not available
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is a lock conflict that running the transaction again may resolve."""
+    if "database is locked" in str(exc):  # SQLite, after its busy timeout
+        return True
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state in TRANSIENT_SQLSTATES
 
 
 def retry_locked(session: Session, write: Callable[[], T], attempts: int = LOCK_ATTEMPTS) -> T:
-    """``write()`` (which commits); rolled back and run again, up to ``attempts`` times, while SQLite
-    reports "database is locked". ``write`` must redo all of its changes (a rollback drops them)."""
+    """``write()`` (which commits); rolled back and run again, up to ``attempts`` times, while the database
+    reports a transient lock conflict (:func:`is_transient`). ``write`` must redo all of its changes (a
+    rollback drops them)."""
     attempt = 1
     while True:
         try:
             return write()
-        except OperationalError as exc:
-            if attempt >= attempts or "database is locked" not in str(exc):
+        except DBAPIError as exc:
+            if attempt >= attempts or isinstance(exc, IntegrityError) or not is_transient(exc):
                 raise
             session.rollback()
             time.sleep(attempt)
             attempt += 1
+
+
+def _insert_new(session: Session, table: Table, values: Mapping[str, Any], key: Iterable[str]) -> bool:
+    """Insert ``values`` into ``table`` unless a row with the same ``key`` columns exists (another process
+    may insert it at the same moment); True if this statement inserted it. Atomic: ``INSERT ... ON
+    CONFLICT DO NOTHING`` on SQLite and PostgreSQL; elsewhere a plain insert in a savepoint, its conflict
+    caught."""
+    name = session.get_bind().dialect.name
+    if name in ("sqlite", "postgresql"):
+        dialect_insert = sqlite.insert if name == "sqlite" else postgresql.insert
+        key = list(key)
+        # RETURNING, not rowcount: drivers do not all report an INSERT's rowcount (psycopg 3 through
+        # SQLAlchemy gives -1); a conflict returns no row
+        statement = (dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+                     .returning(*(table.c[column] for column in key)))
+        return session.execute(statement).first() is not None
+    try:
+        with session.begin_nested():
+            session.execute(insert(table).values(**values))
+        return True
+    except IntegrityError:
+        return False
+
+
+def _upsert(session: Session, table: Table, values: Mapping[str, Any], key: Iterable[str]) -> None:
+    """Insert ``values`` into ``table``, or update the row with the same ``key`` columns to them: one
+    atomic ``INSERT ... ON CONFLICT DO UPDATE`` on SQLite and PostgreSQL (an update, then an insert if
+    it changed nothing, elsewhere)."""
+    key = list(key)
+    name = session.get_bind().dialect.name
+    if name in ("sqlite", "postgresql"):
+        dialect_insert = sqlite.insert if name == "sqlite" else postgresql.insert
+        statement = dialect_insert(table).values(**values)
+        changed = {column: statement.excluded[column] for column in values if column not in key}
+        session.execute(statement.on_conflict_do_update(index_elements=key, set_=changed))
+        return
+    where = [table.c[column] == values[column] for column in key]
+    if session.execute(update(table).where(*where).values(**values)).rowcount == 0:
+        session.execute(insert(table).values(**values))
 
 
 def claim_cell(engine: Engine, key: str, owner: str, timeout: float) -> bool:
@@ -164,16 +226,15 @@ def _claim(session: Session, key: str, owner: str, timeout: float) -> bool:
     now = utcnow()
     expired = now - dt.timedelta(seconds=timeout)
     heartbeat = session.scalar(select(Claim.heartbeat_at).where(Claim.cell_key == key))
-    if heartbeat is None:
-        try:
-            session.execute(insert(Claim).values(cell_key=key, owner=owner, claimed_at=now, heartbeat_at=now))
-            session.commit()
-            return True
-        except IntegrityError:  # claimed by another process at this very moment
-            session.rollback()
-            return False
+    if heartbeat is None:  # not claimed: insert the claim, unless another process does at this very moment
+        inserted = _insert_new(session, Claim.__table__,
+                               dict(cell_key=key, owner=owner, claimed_at=now, heartbeat_at=now), ["cell_key"])
+        session.commit()
+        return inserted
     if heartbeat >= expired:
         return False
+    # expired: take it over, unless its owner beats (or another process takes it) first; the UPDATE's
+    # condition is checked on the row as it is when the UPDATE locks it
     taken = session.execute(update(Claim).where(Claim.cell_key == key, Claim.heartbeat_at < expired)
                             .values(owner=owner, claimed_at=now, heartbeat_at=now)
                             .execution_options(synchronize_session=False)).rowcount == 1
@@ -230,13 +291,10 @@ def save_analysis(session: Session, kind: str, config: Mapping[str, Any], result
     commits."""
     config, result = _plain(config), _plain(result)
     key = analysis_key(kind, config)
-    row = session.scalar(select(Analysis).where(Analysis.key == key))
-    if row is None:
-        row = Analysis(key=key, kind=kind, config=config, result=result)
-        session.add(row)
-    row.result, row.created_at, row.run_id = result, utcnow(), run_id
+    _upsert(session, Analysis.__table__, dict(key=key, kind=kind, config=config, result=result,
+                                              created_at=utcnow(), run_id=run_id), ["key"])
     session.commit()
-    return row
+    return session.scalar(select(Analysis).where(Analysis.key == key).execution_options(populate_existing=True))
 
 
 def load_analyses(session: Session, kind: str) -> list[Analysis]:
