@@ -40,6 +40,7 @@ __all__ = [
     "architecture_registry",
     "build_classifier",
     "count_parameters",
+    "penultimate_features",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -138,14 +139,20 @@ class ConvNet(nn.Module):
                 nn.init.kaiming_normal_(w, nonlinearity="relu")
                 torch.nn.init.dirac_(w[: w.size(1)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``(N, widths[-1])``: the global max pool before the linear head."""
         # channels-last activations make oneDNN's CPU convolutions ~1.6x faster (forward and backward),
         # whatever the memory format of the weights and of the caller's input
         x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         x = self.stem_act(self.stem(x))
         x = self.groups(x)
-        x = torch.amax(x, dim=(2, 3))
-        return self.head(x) * self.logit_scale
+        return torch.amax(x, dim=(2, 3))
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features) * self.logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,12 +211,18 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features: the global average pool before the linear layer."""
         x = self.normalize(x).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +288,18 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features: the global average pool before the linear layer."""
         x = self.normalize(x).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
         out = self.blocks(self.conv1(x))
         out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +343,16 @@ def build_classifier(arch: str, num_classes: int, image_shape: Sequence[int] = (
     if arch.startswith("convnet") and min(h, w) < 9:
         raise UsageError(f"{arch} needs images of at least 9x9 pixels, got {h}x{w}")
     return factory(num_classes=int(num_classes), in_channels=c, **kwargs)
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.features(x)`` for harness's architectures (and any network with a ``features`` method);
+    a :class:`UsageError` for a network without one."""
+    features = getattr(model, "features", None)
+    if not callable(features):
+        raise UsageError(f"{type(model).__name__} has no features() method: harness cannot read its "
+                         f"penultimate features")
+    return features(x)
 
 
 def count_parameters(model: nn.Module) -> int:

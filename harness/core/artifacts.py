@@ -39,6 +39,13 @@ class Artifact:
     path: Path
     recipe: dict[str, Any]
 
+    def provenance(self) -> dict[str, Any]:
+        """What was recorded when the artifact was trained (e.g. its training seconds); {} if nothing."""
+        try:
+            return json.loads((self.path / "provenance.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
     def load(self) -> dict[str, torch.Tensor]:
         """The weights; a damaged file is a one-line :class:`UsageError` saying to delete the folder."""
         try:
@@ -66,9 +73,11 @@ class ArtifactCache:
         return None
 
     def get_or_train(self, kind: str, recipe: Mapping[str, Any],
-                     producer: Callable[[], dict[str, torch.Tensor]], what: str) -> Artifact:
-        """Return the artifact for ``recipe``; train it with ``producer`` if missing and allowed. Training
-        holds the artifact's file lock, so processes needing the same artifact train it once."""
+                     producer: Callable[[], dict[str, torch.Tensor]], what: str,
+                     provenance: Callable[[], Mapping[str, Any]] | None = None) -> Artifact:
+        """Return the artifact for ``recipe``; train it with ``producer`` if missing and allowed (and store
+        what ``provenance()`` returns then beside it). Training holds the artifact's file lock, so
+        processes needing the same artifact train it once."""
         found = self.find(kind, recipe)
         if found is not None:
             return found
@@ -83,7 +92,12 @@ class ArtifactCache:
             log.info("training %s (recipe %s)", what, recipe_hash(recipe))
             started = time.time()
             state = producer()
-            return self.store(kind, recipe, state, {"seconds": round(time.time() - started, 1)})
+            extra = dict(provenance()) if provenance is not None else {}
+            return self.store(kind, recipe, state, {"seconds": round(time.time() - started, 1), **extra})
+
+    def checkpoint_path(self, kind: str, recipe: Mapping[str, Any]) -> Path:
+        """Where the training of ``recipe`` keeps its resumable state (``.checkpoints/<kind>/<hash>.pt``)."""
+        return self.root / ".checkpoints" / kind / f"{recipe_hash(recipe)}.pt"
 
     def lock(self, kind: str, recipe: Mapping[str, Any]) -> FileLock:
         """The lock (``.locks/<kind>/<hash>.lock``, beside the artifact folders rather than among them)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -32,6 +33,9 @@ class TrainContext:
     seed: int = 0
     progress: bool = True
     artifacts: ArtifactCache | None = None  # for recipes that share artifacts (e.g. one DDPM per dataset)
+    checkpoint: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None  # where datasets live (for recipes that load more data, e.g. a DDPM's)
 
 
 @dataclass

@@ -11,6 +11,7 @@ classifier (defense transfer, MAEP paper Tables 7-9).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,12 +22,12 @@ from harness.core.artifacts import Artifact, ArtifactCache, recipe_hash
 from harness.core.context import BuildContext, TrainContext
 from harness.core.entry import Defense, DefenseEntry, Kind
 from harness.core.errors import UsageError
-from harness.core.keys import module_fingerprint
+from harness.core.keys import content_hash, module_fingerprint, state_fingerprint
 from harness.data import DatasetInfo, load_split
 from harness.toolkit.transfer import ShapeAdapter
 
-__all__ = ["OwnNetwork", "defense_recipe", "train_defense_weights", "build_defense", "own_network",
-           "check_transferable", "build_transferred_defense"]
+__all__ = ["OwnNetwork", "defense_recipe", "train_defense_weights", "training_record", "build_defense", "own_network",
+           "check_transferable", "build_transferred_defense", "weights_fingerprint"]
 
 
 def defense_recipe(entry: DefenseEntry, preset: str | None, classifier: LoadedClassifier | None,
@@ -56,11 +57,24 @@ def train_defense_weights(entry: DefenseEntry, preset: str | None, classifier: L
     base = _base(entry, classifier)
     train_split = load_split(dataset.name, "train", data_root)
     recipe = defense_recipe(entry, preset, base, dataset.name, train_split.fingerprint, seed)
+    kind = f"defense/{entry.name}"
     train_ctx = TrainContext(entry_name=entry.name, config=recipe["config"], train_split=train_split,
                              classifier=base.model if base else None, seed=seed, progress=progress,
-                             artifacts=artifacts)
-    return artifacts.get_or_train(f"defense/{entry.name}", recipe, lambda: entry.train(train_ctx),
-                                  what=f"defense {entry.name!r} (preset {preset})")
+                             artifacts=artifacts, checkpoint=artifacts.checkpoint_path(kind, recipe),
+                             data_root=data_root)
+    return artifacts.get_or_train(kind, recipe, lambda: entry.train(train_ctx),
+                                  what=f"defense {entry.name!r} (preset {preset})",
+                                  provenance=lambda: train_ctx.metrics)
+
+
+def training_record(network: "OwnNetwork", artifacts: ArtifactCache) -> dict[str, Any] | None:
+    """What the training of a harness-trained classifier entry recorded (its cost, its metrics), read
+    from its artifact once it exists; None for a network harness did not train, or not trained yet."""
+    key = network.provenance.get("artifact_key")
+    if key is None:
+        return None
+    artifact = artifacts.find(f"defense/{network.provenance['entry']}", network.provenance["recipe"])
+    return artifact.provenance() if artifact is not None else None
 
 
 def build_defense(entry: DefenseEntry, preset: str | None, classifier: LoadedClassifier | None,
@@ -144,3 +158,19 @@ def _frozen(defense: Defense) -> Defense:
     for p in defense.parameters():
         p.requires_grad_(False)
     return defense
+
+
+#: the fingerprints of the defenses built in this process (built defenses are frozen: computed once each)
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Defense, dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(defense: Defense) -> dict[str, str]:
+    """Content hashes of the weights a cell evaluates (:func:`~harness.core.keys.state_fingerprint` of
+    the state dicts: names, dtypes, shapes and bytes): ``classifier``, ``purifier`` (an empty state for
+    no purifier) and ``defense``, the hash of both. Equal recipes that trained different weights show here,
+    so ``harness verify`` can tell "other weights" from "other results"."""
+    if defense not in _FINGERPRINTS:
+        parts = {"classifier": state_fingerprint(defense.classifier.state_dict()),
+                 "purifier": state_fingerprint(defense.purifier.state_dict())}
+        _FINGERPRINTS[defense] = {"defense": content_hash(parts, 16), **parts}
+    return dict(_FINGERPRINTS[defense])

@@ -6,16 +6,26 @@ AdamW (Loshchilov & Hutter, ICLR 2019) with a linear warm-up then a cosine decay
 Hutter, "SGDR", ICLR 2017). All randomness (shuffling, flips, clean-pair mixing and whatever the loss
 draws, such as MAE masks) comes from one generator seeded with ``seed``; the global RNG is not used.
 
+Reproducible from the recipe: a training's floating-point reductions (matrix products, LayerNorm and
+attention backward) are split across torch's intra-op threads, so their rounding, and after a few
+thousand AdamW steps the weights, depend on the thread count (and on the CPU's vector ISA, which no
+setting fixes). :func:`reproducible_training` pins the thread count (``$HARNESS_TRAIN_THREADS``, default
+:data:`TRAIN_THREADS`) and torch's deterministic algorithms while a recipe trains, and the artifact's
+provenance records that environment: two trainings of one recipe on machines with the same torch and
+CPU capability give bit-identical weights, whatever their core counts.
+
 :func:`train_on_pairs` is the whole ``train`` recipe of such a purifier entry: its PGD pairs, a fresh
 model, then one or more training stages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +36,8 @@ from harness.toolkit.pairs import training_pairs
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from harness.core.context import TrainContext
 
-__all__ = ["LossFn", "ModelFactory", "Stage", "train_on_pairs", "train_purifier"]
+__all__ = ["LossFn", "ModelFactory", "Stage", "TRAIN_THREADS", "TRAIN_THREADS_ENV", "reproducible_training",
+           "training_environment", "train_on_pairs", "train_purifier"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,48 @@ ModelFactory = Callable[[Mapping[str, Any], Sequence[int], int], nn.Module]
 
 Stage = tuple[LossFn, Mapping[str, Any]]
 """One training stage: its loss and the keyword arguments of :func:`train_purifier`."""
+
+#: the intra-op thread count trainings run with unless ``$HARNESS_TRAIN_THREADS`` says otherwise: the
+#: 2 cores harness's CPU presets are sized for (what a default torch used there, so weights trained on
+#: such a machine before the pin are reproduced by it)
+TRAIN_THREADS = 2
+TRAIN_THREADS_ENV = "HARNESS_TRAIN_THREADS"
+
+
+def _train_threads() -> int:
+    value = os.environ.get(TRAIN_THREADS_ENV, "").strip()
+    if not value:
+        return TRAIN_THREADS
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"${TRAIN_THREADS_ENV} must be a whole number >= 1, got {value!r}")
+    return threads
+
+
+def training_environment() -> dict[str, Any]:
+    """What a training's floating-point results depend on besides its recipe: torch's version, the CPU
+    capability its kernels dispatch to and the intra-op thread count (recorded in the provenance)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+@contextlib.contextmanager
+def reproducible_training() -> Iterator[dict[str, Any]]:
+    """Run the block with the training thread count (:data:`TRAIN_THREADS` or ``$HARNESS_TRAIN_THREADS``)
+    and ``torch.use_deterministic_algorithms`` (warn-only: CPU kernels without a deterministic variant
+    warn instead of failing); yields :func:`training_environment`, and restores both afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(_train_threads())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield training_environment()
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
 
 
 def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -120,12 +173,17 @@ def train_on_pairs(ctx: "TrainContext", new_model: ModelFactory,
 
     The PGD pairs of ``ctx.config["pairs"]`` (seed ``ctx.seed``, shared through ``ctx.artifacts``),
     ``new_model(ctx.config["model"], image_shape, ctx.seed + 1)``, then stage ``k`` of ``stages`` with
-    seed ``ctx.seed + 2 + k``.
+    seed ``ctx.seed + 2 + k``, all under :func:`reproducible_training`; ``ctx.metrics`` (the artifact's
+    provenance) gets the training environment and each stage's metrics.
     """
-    x_adv, x_clean = training_pairs(ctx, ctx.config["pairs"])
-    model = new_model(ctx.config["model"], ctx.train_split.info.image_shape, ctx.seed + 1)
-    for k, (loss_fn, settings) in enumerate(stages):
-        metrics = train_purifier(model, x_adv, x_clean, loss_fn, seed=ctx.seed + 2 + k,
-                                 progress=ctx.progress, **settings)
-        log.info("%s training stage %d/%d: %s", ctx.entry_name, k + 1, len(stages), metrics)
+    with reproducible_training() as environment:
+        x_adv, x_clean = training_pairs(ctx, ctx.config["pairs"])
+        model = new_model(ctx.config["model"], ctx.train_split.info.image_shape, ctx.seed + 1)
+        stage_metrics = []
+        for k, (loss_fn, settings) in enumerate(stages):
+            metrics = train_purifier(model, x_adv, x_clean, loss_fn, seed=ctx.seed + 2 + k,
+                                     progress=ctx.progress, **settings)
+            log.info("%s training stage %d/%d: %s", ctx.entry_name, k + 1, len(stages), metrics)
+            stage_metrics.append(metrics)
+    ctx.metrics.update(training_environment=environment, stages=stage_metrics)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
