@@ -18,8 +18,10 @@ from torch import nn
 
 from harness.attacks.base import Attack, Target, perturbation_norm, project
 from harness.attacks.catalog import attack_registry, parse_attack_spec
-from harness.classifiers.architectures import build_classifier
+from harness.classifiers.architectures import build_classifier, count_parameters, penultimate_features
+from harness.classifiers.robust import train_robust_classifier
 from harness.classifiers.sources import DEFAULT_CLASSIFIER, LoadedClassifier, save_classifier
+from harness.classifiers.sources import _from_robustbench as robustbench_classifier, import_robustbench
 from harness.core.artifacts import ArtifactCache
 from harness.core.context import BuildContext, TrainContext
 from harness.core.entry import (Defense, DefenseEntry, ExtraData, Identity, Kind, Metadata, Option, Purifier, Reported,
@@ -34,7 +36,10 @@ from harness.evaluation.runner import DEFAULT_ATTACKS, DEFAULT_PROTOCOLS, RunReq
 from harness.results.database import open_db
 from harness.toolkit.diffusion import (DiffusionPurifier, LoadedUNet, build_unet, checkpointed, ddpm_preset,
                                        diffusion_options, load_entry_unet, shared_ddpm, train_entry_ddpm)
+from harness.toolkit.diffusion.features import (DiffusionFeatures, cached_features, feature_blocks,
+                                               load_feature_ddpm, pinned_noise)
 from harness.toolkit.diffusion.purifier import ReversePurifier, entry_build
+from harness.toolkit.synthetic import SyntheticSet, synthetic_set
 from harness.toolkit.pairs import adversarial_pairs, training_pairs
 from harness.toolkit.purifier_training import LossFn, Stage, train_on_pairs, train_purifier
 from harness.toolkit.transfer import ShapeAdapter
@@ -51,7 +56,10 @@ __all__ = [
     "train_on_pairs", "train_purifier", "training_pairs", "adversarial_pairs", "LossFn", "Stage", "ShapeAdapter",
     "DiffusionPurifier", "ReversePurifier", "entry_build", "diffusion_options", "train_entry_ddpm",
     "load_entry_unet", "shared_ddpm", "build_unet", "ddpm_preset", "checkpointed", "LoadedUNet",
-    "build_classifier", "save_classifier", "LoadedClassifier", "dataset_info", "load_split",
+    "build_classifier", "count_parameters", "penultimate_features", "train_robust_classifier", "save_classifier", "LoadedClassifier", "dataset_info", "load_split",
+    "synthetic_set", "SyntheticSet",
+    "robustbench_classifier", "import_robustbench",
+    "DiffusionFeatures", "cached_features", "feature_blocks", "load_feature_ddpm", "pinned_noise",
     # evaluation
     "evaluate", "module_entry", "OUTCOME_COLUMNS",
 ]

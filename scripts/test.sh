@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 { [ -x .venv/bin/harness ] && [ -x .venv/bin/lint-imports ]; } || bash scripts/setup.sh
 . scripts/env.sh
 lint-imports --no-cache --no-logo
-python -m pytest "$@"
+# two workers (the machines have 2 cores; every test runs one torch thread), tests of one file on one worker
+python -m pytest -n "${HARNESS_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -69,9 +69,9 @@ def _linear(seed: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
 
 
-def test_module_keys_follow_the_weights(tiny_cifar, tmp_path, one_thread):
+def test_module_keys_follow_the_weights(tiny_cifar, db_url, one_thread):
     def key(model: nn.Module) -> tuple[str, str]:
-        cells = harness.evaluate(model, n=4, attacks="pgd:steps=1", protocols="adaptive", db=str(tmp_path / "k.db"),
+        cells = harness.evaluate(model, n=4, attacks="pgd:steps=1", protocols="adaptive", db=db_url,
                                  name="linear", progress=False)
         (row,) = cells.itertuples()
         return row.key, row.status

@@ -85,10 +85,17 @@ def report(tiny_cifar, classifier_file, tmp_path) -> Path:
     return tmp_path / "out" / "index.html"
 
 
+def _hrefs(page: Path) -> list[str]:
+    return re.findall(r"""href\s*=\s*["']?([^"'\s>]*)""", page.read_text(), flags=re.IGNORECASE)
+
+
 def test_code_url_is_never_a_link(report):
-    html = report.read_text()
-    hrefs = re.findall(r"""href\s*=\s*["']?([^"'\s>]*)""", html, flags=re.IGNORECASE)
-    assert hrefs and all(h.startswith("#") or re.match(r"https?://", h) for h in hrefs), hrefs
+    hrefs = _hrefs(report)
+    # in-page anchors, web links, and the report's own cell detail pages (cells/<key>.html)
+    assert hrefs and all(h.startswith("#") or re.match(r"https?://", h)
+                         or re.fullmatch(r"cells/[A-Za-z0-9.+_-]+\.html", h) for h in hrefs), hrefs
+    [page] = report.parent.glob("cells/*.html")  # the one cell's detail page links only home and to its CSV
+    assert sorted(_hrefs(page)) == ["../index.html", page.with_suffix(".csv").name]
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium not installed (CI installs it)")
@@ -108,3 +115,11 @@ def test_no_script_of_the_metadata_runs_in_a_browser(report, tmp_path):
     elements.feed(dom)
     assert not [a for _, attrs in elements.tags for a in attrs if a.startswith("on") or a == "data-pwned"]
     assert [t for t, _ in elements.tags if t in ("script", "img", "svg", "iframe")] == ["script"]  # the page's own
+
+    [page] = report.parent.glob("cells/*.html")  # the cell's detail page shows the same metadata, inert too
+    dom = _dump_dom(page, tmp_path / "profile-cell")
+    assert "hostile" in dom and 'data-pwned="' not in dom and "&lt;script&gt;" + _mark("paper") in dom
+    elements = _Elements()
+    elements.feed(dom)
+    assert not [a for _, attrs in elements.tags for a in attrs if a.startswith("on") or a == "data-pwned"]
+    assert [t for t, _ in elements.tags if t in ("script", "img", "svg", "iframe")] == ["script"]

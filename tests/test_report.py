@@ -1,4 +1,5 @@
-"""Tests of the reporter (harness.report): tables, escaping, CSV, HTML page, empty store, screenshot."""
+"""Tests of the reporter (harness.report): tables, escaping, CSV, HTML page, empty store, screenshot; the
+stores of the module's fixtures on each back end (SQLite, and PostgreSQL when it is configured)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from markupsafe import Markup
 from sqlalchemy.orm import Session
 
+from conftest import BACKENDS, results_store
 from harness.core.errors import UsageError
 from harness.report import ExtraSection, write_reports
 from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells, match_reported
@@ -58,9 +60,9 @@ def _cell(key: str, run: Run, *, defense: str = "maep", entry: dict = MAEP_ENTRY
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("db")
-    engine = open_db(f"sqlite:///{tmp}/r.db")
+def db(module_db_url):
+    """The report's store, on each back end."""
+    engine = open_db(module_db_url)
     with Session(engine) as session:
         run = Run(git_commit="abc123def4567890abc123def4567890abcdef12", git_dirty=True,
                   harness_version="0.1.0", packages={"torch": "2.4"}, device="cpu",
@@ -268,11 +270,17 @@ def _note(name: str) -> dict:
                              f"so this one cell answers them all"}
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def mixed_url(request, tmp_path_factory):
+    with results_store(request.param, tmp_path_factory.mktemp("mixed")) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
-def mixed_db(tmp_path_factory):
+def mixed_db(mixed_url):
     """A purifier run under non-adaptive and adaptive, the baseline and a classifier entry (own network)
-    each with its one adaptive cell, and a cell of a protocol this harness does not know."""
-    engine = open_db(f"sqlite:///{tmp_path_factory.mktemp('mixed')}/m.db")
+    each with its one adaptive cell, and a cell of a protocol this harness does not know (each back end)."""
+    engine = open_db(mixed_url)
     with Session(engine) as session:
         run = Run(git_commit="c0ffee")
         session.add_all([

@@ -1,4 +1,5 @@
-"""The runner and the store: cells keyed by hash, skipped when finished, resumed when interrupted."""
+"""The runner and the store: cells keyed by hash, skipped when finished, resumed when interrupted (the
+store tests on each back end: SQLite, and PostgreSQL when it is configured)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def _counts(engine):
                 s.scalar(select(func.count()).select_from(SampleResult)))
 
 
-def test_grid_stores_cells_and_samples_then_skips(tiny_cifar, tmp_path, classifier_file):
-    engine = open_db(str(tmp_path / "r.db"))
+def test_grid_stores_cells_and_samples_then_skips(tiny_cifar, db_url, classifier_file):
+    engine = open_db(db_url)
     request = _request(classifier_file, eps=("4/255", "8/255"), seeds=(0, 1))
     first = run_grid(request, engine)
     # `none` has no purifier: non-adaptive and adaptive attack the same function, so one cell answers both
@@ -62,15 +63,15 @@ def test_same_seed_same_per_sample_results(tiny_cifar, tmp_path, classifier_file
         engine = open_db(str(tmp_path / name))
         run_grid(_request(classifier_file, protocols=("adaptive",)), engine)
         with Session(engine) as s:
-            rows.append(s.execute(select(SampleResult.index, SampleResult.clean_pred, SampleResult.adv_pred,
-                                         SampleResult.perturbation).order_by(SampleResult.index)).all())
+            rows.append(s.execute(select(SampleResult.sample_index, SampleResult.clean_pred, SampleResult.adv_pred,
+                                         SampleResult.perturbation).order_by(SampleResult.sample_index)).all())
     assert rows[0] == rows[1]
 
 
-def test_interrupted_cell_resumes(tiny_cifar, tmp_path, classifier_file, monkeypatch):
+def test_interrupted_cell_resumes(tiny_cifar, db_url, classifier_file, monkeypatch):
     import harness.evaluation.runner as runner
 
-    engine = open_db(str(tmp_path / "r.db"))
+    engine = open_db(db_url)
     request = _request(classifier_file, protocols=("adaptive",))
     real_finalise = runner.finish_cell
 
@@ -117,7 +118,7 @@ def test_missing_classifier_with_no_train_refuses(tiny_cifar, tmp_path):
                             progress=False), engine)
 
 
-def test_variants_and_purifier_quality_are_stored(tiny_cifar, tmp_path, classifier_file):
+def test_variants_and_purifier_quality_are_stored(tiny_cifar, db_url, classifier_file):
     import torch.nn.functional as F
 
     from harness.core.entry import Defense, DefenseEntry, Kind, Purifier, registry_of
@@ -129,7 +130,7 @@ def test_variants_and_purifier_quality_are_stored(tiny_cifar, tmp_path, classifi
     registry = registry_of(
         DefenseEntry(name="blur", version="1", kind=Kind.PURIFIER, paper="p", citation="c",
                      build=lambda ctx: Defense(ctx.classifier, Blur())))
-    engine = open_db(str(tmp_path / "r.db"))
+    engine = open_db(db_url)
     outcomes = run_grid(_request(classifier_file, defenses=("blur",), protocols=("adaptive",),
                                  variants=("clean", "colored", "corrupt:contrast:3")), engine, registry)
     assert [o.variant for o in outcomes] == ["clean", "colored", "corrupt:contrast:3"]

@@ -8,10 +8,15 @@ import click
 
 from harness.cli.analyse import analyse
 from harness.cli.data import data
+from harness.cli.db import db
+from harness.cli.export import export
 from harness.cli.listing import list_entries
+from harness.cli.plan import plan
 from harness.cli.report import report, show
 from harness.cli.run import run
+from harness.cli.submit import merge, submit
 from harness.cli.train import train
+from harness.cli.verify import verify
 from harness.core.errors import UsageError
 
 __all__ = ["main"]
@@ -36,5 +41,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (run, report, show, list_entries, train, data, analyse):
+for command in (run, plan, report, show, list_entries, train, data, analyse, db):
+    main.add_command(command)
+
+for command in (verify, submit, merge, export):  # issue 12: verification, submissions, exports
     main.add_command(command)

@@ -77,6 +77,22 @@ def _show_entry(name: str) -> None:
                    f"({r.unit}; {r.source})")
 
 
+def _show_studies(folder: str | None) -> None:
+    """Every study file, validated, with its grids, analyses and what it renders."""
+    from harness.analysis.studies import load_studies, study_dirs
+
+    found = load_studies(folder)
+    click.echo(f"studies ({', '.join(map(str, study_dirs(folder)))}):")
+    width = max([len(s.name) for s in found] + [4])
+    for study in found:
+        grids = "; ".join(f"{','.join(r.defenses)} on {r.dataset}"
+                          + (f" (train seed {r.train_seed})" if r.train_seed else "") for r in study.requests())
+        analyses = ", ".join(a.kind for a in study.analyses)
+        click.echo(f"  {study.name:<{width}}  {study.title}")
+        click.echo(f"  {'':<{width}}  grids: {grids}" + (f"; analyses: {analyses}" if analyses else ""))
+        click.echo(f"  {'':<{width}}  renders: {', '.join(r.label for r in study.renders) or '-'}")
+
+
 def _preset_defaults(entry, option: str) -> str:
     values = {p: entry.preset_config(p).get(option) for p in entry.presets}
     shown = ", ".join(f"{p} {v}" for p, v in values.items() if v is not None)
@@ -94,13 +110,20 @@ def _preset_defaults(entry, option: str) -> str:
 @click.option("--variants", "axes", flag_value="variants", multiple=True, help="List the dataset variants.")
 @click.option("--classifiers", "axes", flag_value="classifiers", multiple=True,
               help="List the classifier sources.")
+@click.option("--studies", "studies", is_flag=True, help="List the studies (leaderboards/studies/*.toml).")
+@click.option("--studies-dir", default=None, help="Folder of study files for --studies (default: "
+              "$HARNESS_STUDIES, else leaderboards/studies).")
 @click.option("--all", "everything", is_flag=True, help="List every axis.")
-def list_entries(defense, axes, everything) -> None:
+def list_entries(defense, axes, studies, studies_dir, everything) -> None:
     """List the registered defenses (first-party and plugins) or, with a flag, another axis."""
     registries = _axes()
     if defense:
         _show_entry(defense)
         return
+    if studies:
+        _show_studies(studies_dir)
+        if not axes and not everything:
+            return
     chosen = list(registries) if everything else list(dict.fromkeys(axes)) or ["defenses"]
     for axis in chosen:
         if axis == "defenses":

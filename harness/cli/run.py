@@ -1,72 +1,43 @@
-"""``harness run``: evaluate a grid of cells, a thin layer over :func:`harness.api.evaluate`. Exit codes:
-0 when every cell is stored, 1 when a cell failed (after the table), 128 + the signal (130 for Ctrl-C) when
-interrupted."""
+"""``harness run``: evaluate a grid of cells (``--defense`` and the grid options, or every grid of a
+``--study``), a thin layer over :func:`harness.api.evaluate`. Exit codes: 0 when every cell is stored, 1
+when a cell failed (after the table), 128 + the signal (130 for Ctrl-C) when interrupted."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import click
 import pandas as pd
 
-from harness.cli.options import data_option, db_option, option_values, parse_options, registry_help, split_csv
+from harness.cli.options import chosen_study, grid_options, grid_request
 
 __all__ = ["run"]
 
 
 @click.command()
-@click.option("--defense", "defenses", multiple=True, required=True,
-              help="Defense name(s); comma-separate or repeat for a grid (see `harness list`).")
-@click.option("--dataset", default="cifar10", show_default=True, help=f"One of: {registry_help('dataset')} (see `harness data info`).")
-@click.option("--classifier", default=None, help="Base classifier of purifier entries: trained:<preset> "
-              "(default trained:small), a .safetensors/.pt file, or robustbench:<name>.")
-@click.option("--threat", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
-@click.option("--eps", "eps", multiple=True, default=("8/255",), show_default=True,
-              help="Radius as 8/255 or 0.0314; several for a grid.")
-@click.option("--attack", "attacks", multiple=True, default=("pgd:steps=20", "autoattack"), show_default=True,
-              help=f"NAME[:key=value,...], one of: {registry_help('attack')} (see `harness list --attacks`).")
-@click.option("--protocol", "protocols", multiple=True, default=("non-adaptive,adaptive",), show_default=True,
-              help=f"Any of: {registry_help('protocol')} (see `harness list --protocols`).")
-@click.option("--n", default=512, show_default=True,
-              help="Number of test images (the first n of a fixed permutation of the split).")
-@click.option("--seed", "seeds", multiple=True, type=int, default=(0,), show_default=True,
-              help="Evaluation seed(s): attack start and defense noise.")
-@click.option("--variant", "variants", multiple=True, default=("clean",), show_default=True,
-              help=f"Test-set variant(s), kinds: {registry_help('variant')} (see `harness list --variants`).")
-@click.option("--preset", default=None, help="Defense training preset (default: the entry's `small`).")
-@click.option("--train-dataset", "train_datasets", multiple=True, default=("same",), show_default=True,
-              help="Dataset(s) the purifiers are trained on, comma-separated; 'same' = --dataset. Another "
-                   "dataset evaluates a transferred purifier (resized / channel-mapped to its input shape).")
-@click.option("--train-classifier", default=None,
-              help="Classifier the transferred purifiers are trained against (default: --classifier).")
-@option_values
+@grid_options
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute cells that are already stored.")
 @click.option("--no-train", is_flag=True, help="Refuse to train missing artifacts instead of training them.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@db_option
-@data_option
-def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds, variants, preset,
-        train_datasets, train_classifier, options, batch_size, force, no_train, no_progress, db,
-        data_root) -> None:
+def run(batch_size, force, no_train, no_progress, **params: Any) -> None:
     """Evaluate defenses; every (defense, eps, attack, protocol, seed) is a stored cell.
 
     \b
     Example:  harness run --defense none,maep --dataset cifar10
     Transfer: harness run --defense maep --dataset fashion-mnist --train-dataset same,cifar10
+    Study:    harness run --study maep-paper   (its grids, then its analyses; see `harness list --studies`)
     """
-    from harness.api import evaluate
-    from harness.classifiers.sources import DEFAULT_CLASSIFIER
     from harness.evaluation.runner import Interrupted
 
+    study = chosen_study(params)
+    settings = dict(batch_size=batch_size, force=force, allow_train=not no_train, progress=not no_progress)
     try:
-        cells = evaluate(
-            list(split_csv(defenses)), dataset=dataset, classifier=classifier or DEFAULT_CLASSIFIER, threat=threat,
-            eps=split_csv(eps), attacks=list(attacks), protocols=split_csv(protocols), n=n, seeds=seeds,
-            variants=split_csv(variants), preset=preset,
-            train_datasets=tuple(None if d == "same" else d for d in split_csv(train_datasets)),
-            train_classifier=train_classifier, options=parse_options(options), batch_size=batch_size, force=force,
-            allow_train=not no_train, data_root=data_root, progress=not no_progress, db=db)
+        if study:
+            cells = _run_study(study, params, settings)
+        else:
+            cells = _evaluate(grid_request(params, **settings), params["db"])
     except Interrupted as stop:
         click.echo(str(stop), err=True)
         raise click.exceptions.Exit(128 + stop.signum) from None
@@ -75,6 +46,32 @@ def run(defenses, dataset, classifier, threat, eps, attacks, protocols, n, seeds
     if failed:
         click.echo(f"{len(failed)} cell(s) failed: " + "; ".join(_failure(c) for c in failed), err=True)
         raise click.exceptions.Exit(1)
+
+
+def _evaluate(request, db: str | None) -> pd.DataFrame:
+    """One grid through :func:`harness.api.evaluate` (every field of the request passed on)."""
+    from harness.api import evaluate
+
+    kwargs = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "defenses"}
+    return evaluate(list(request.defenses), db=db, **kwargs)
+
+
+def _run_study(name: str, params: dict[str, Any], settings: dict[str, Any]) -> pd.DataFrame:
+    """Every grid of study ``name`` (stored cells skipped), then its analyses that are not stored yet."""
+    from harness.analysis.studies import find_study, run_analyses, with_run_settings
+    from harness.evaluation.runner import check_request
+    from harness.results.database import open_db
+
+    study = find_study(name, params["studies_dir"])
+    settings = dict(settings, data_root=params["data_root"])
+    requests = [with_run_settings(r, **settings) for r in study.requests()]
+    for request in requests:  # bad input (a classifier that is gone, ...) fails before anything runs
+        check_request(request)
+    frames = [_evaluate(request, params["db"]) for request in requests]
+    cells = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    for key in run_analyses(study, open_db(params["db"]), **settings):
+        click.echo(f"analysis stored: {key}")
+    return cells
 
 
 def _print_cells(cells: pd.DataFrame) -> None:

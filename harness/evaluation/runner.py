@@ -47,19 +47,21 @@ from harness.data import DatasetInfo, Split, dataset_info, dataset_names, load_s
 from harness.data.disk import read_meta
 from harness.data.variants import apply_variant, parse_variant, variant_registry
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
-                                         own_network)
+                                         own_network, training_record, weights_fingerprint)
 from harness.evaluation.checks import batch_flags
 from harness.evaluation.concurrency import CLAIM_TIMEOUT_ENV, ClaimLost, Claims, Signals, claim_timeout
 from harness.evaluation.guards import CheckedDefense, check_batch
 from harness.evaluation.metrics import batch_quality, merge_quality
 from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
+from harness.evaluation.transfer_sources import TransferSources, attack_note, check_sources, source_names
 from harness.results.provenance import code_provenance
 from harness.results.queries import (add_samples, done_indices, fail_cell, find_cell, finish_cell, finish_run,
                                      new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "RunRequest", "CellOutcome", "Interrupted",
-           "check_request",
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "RunRequest", "CellOutcome",
+           "Interrupted", "cell_key",
+           "check_request", "plan_cells", "variant_splits",
            "evaluation_subset", "run_grid"]
 
 log = logging.getLogger(__name__)
@@ -171,10 +173,12 @@ class _PlannedCell:
     seed: int
     split: Split  # the (variant of the) test split the cell evaluates
     key_config: dict[str, Any]
+    bind: Callable[[Attack], Attack] | None = None  # hands a transfer attack its source model
 
     def attack_instance(self) -> Attack:
         """The attack the cell runs (the protocol drops EOT draws that would repeat fixed noise)."""
-        return self.protocol.attack_for(build_attack(self.attack, self.threat))
+        attack = build_attack(self.attack, self.threat)
+        return self.protocol.attack_for(self.bind(attack) if self.bind else attack)
 
     @property
     def key(self) -> str:
@@ -207,10 +211,12 @@ def _check_options(request: RunRequest, entries: list[DefenseEntry]) -> None:
         entry.select_options(request.options)
 
 
-def _validate(request: RunRequest, entries: list[DefenseEntry]) -> tuple[list[Protocol], list[ThreatModel]]:
+def _validate(request: RunRequest, entries: list[DefenseEntry], registry: Registry[DefenseEntry] | None = None,
+              classifiers: bool = True) -> tuple[list[Protocol], list[ThreatModel]]:
     """Check every axis before anything runs, so bad input costs nothing, trains nothing and stores
-    nothing: names, numbers (eps within the image cube, n within the test split), options, and the base
-    classifiers' sources (a classifier file is read, never unpickled beyond tensors)."""
+    nothing: names, numbers (eps within the image cube, n within the test split), options, and (unless
+    ``classifiers`` is False: a plan names them without loading) the base classifiers' sources (a
+    classifier file is read, never unpickled beyond tensors)."""
     info = dataset_info(request.dataset)
     transfers = [d for d in request.train_datasets if d not in (None, request.dataset)]
     for name in transfers:
@@ -222,9 +228,10 @@ def _validate(request: RunRequest, entries: list[DefenseEntry]) -> tuple[list[Pr
         threat.check_image_shape(info.image_shape, info.name)
     for variant in request.variants:
         parse_variant(variant)
-    for threat, spec in itertools.product(threats, request.attacks):
-        build_attack(spec, threat)
+    attacks = [build_attack(spec, threat) for threat, spec in itertools.product(threats, request.attacks)]
     _check_options(request, entries)
+    source_base = check_sources(source_names(attacks), registry or defense_registry(), request.dataset,
+                                request.preset, request.options)
     for entry in entries:
         entry.check_dataset(request.dataset)
         entry.resolve_preset(request.preset)
@@ -237,8 +244,10 @@ def _validate(request: RunRequest, entries: list[DefenseEntry]) -> tuple[list[Pr
     if request.n > size:
         raise UsageError(f"--n {request.n} is more than the {size} images of the {request.dataset} test split; "
                          f"valid: 1 to {size}")
+    if not classifiers:
+        return protocols, threats
     check = dict(artifacts=ArtifactCache(request.artifact_root), data_root=request.data_root, seed=request.train_seed)
-    if any(entry.uses_base_classifier for entry in entries):
+    if source_base or any(entry.uses_base_classifier for entry in entries):
         check_classifier(request.classifier, info, **check)
     if any(entry.kind is Kind.PURIFIER for entry in entries):
         for name in transfers:
@@ -278,16 +287,32 @@ def _test_size(request: RunRequest) -> int:
         return len(load_split(request.dataset, "test", request.data_root).labels)
 
 
-def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
-          network_id: str, splits: dict[str, Split], sources: dict[str | None, TrainSource | None]
-          ) -> list[_PlannedCell]:
+#: the fields of a cell's config that its key hashes (``key_config`` in :func:`plan_cells`; the rest of a
+#: stored config is provenance). Keep in step with ``key_config``: tests/test_submissions.py checks it.
+KEY_FIELDS = ("defense", "classifier", "dataset", "threat", "attack", "protocol", "n", "seed")
+
+
+def cell_key(config: Mapping[str, Any]) -> str:
+    """The key of the cell whose stored config (or key config) is ``config``, recomputed from it (a
+    missing field is a KeyError naming it)."""
+    return content_hash({name: config[name] for name in KEY_FIELDS}, CELL_KEY_LENGTH)
+
+
+def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
+               network_id: str, splits: dict[str, Split], sources: dict[str | None, TrainSource | None],
+               bind: Callable[[Attack], Attack] | None = None) -> list[_PlannedCell]:
+    """The cells of ``entry`` in ``request``'s grid, keyed (pure: nothing is built, loaded or stored).
+    ``network_id`` names the network the cells evaluate, ``splits`` are the test split's variants,
+    ``sources`` the datasets the entry is trained on and ``bind`` hands transfer attacks their source;
+    both ``harness run`` and ``harness plan`` key cells here, so their keys agree."""
     preset = entry.resolve_preset(request.preset)
     options = entry.select_options(request.options)
     cells: dict[str, _PlannedCell] = {}
     for source, (variant, test), threat, spec, asked, seed in itertools.product(
             sources.values(), splits.items(), threats, request.attacks, protocols, request.seeds):
         protocol = protocol_for(asked, entry)
-        attack = protocol.attack_for(build_attack(spec, threat))
+        attack = build_attack(spec, threat)
+        attack = protocol.attack_for(bind(attack) if bind else attack)
         dataset = {"name": test.info.name, "split": test.split, "fingerprint": test.fingerprint,
                    "variant": variant, "subset": SUBSET_RULE}
         if variant == "colored":
@@ -302,7 +327,7 @@ def _plan(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], t
             "n": request.n, "seed": seed,  # within the split: checked by _validate
         }
         cell = _PlannedCell(entry, preset, options, source, protocol, (asked.name,), threat, spec, seed, test,
-                            key_config)
+                            key_config, bind)
         # one cell answers every request with its key: e.g. pgd and pgd:eot=4 under fixed randomness, or
         # non-adaptive and adaptive for an entry without a purifier
         same = cells.get(cell.key)
@@ -348,9 +373,13 @@ def _cell_config(planned: _PlannedCell, network: _Network, defense: Defense | No
         config["entry"] = dict(metadata, parameters={"classifier": _parameters(defense.classifier),
                                                      "purifier": _parameters(defense.purifier)})
         config["defense_provenance"] = getattr(part, "provenance", None)
+        config["weights_fingerprint"] = weights_fingerprint(defense)  # provenance, not part of the key
     note = _protocol_note(planned)
     if note:
         config["protocol_note"] = note
+    transfer = attack_note(planned.attack_instance())
+    if transfer:
+        config["attack_note"] = transfer
     return config
 
 
@@ -441,7 +470,7 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
             quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
                                     indices) if measure_quality else None
             extras = result.extra or [None] * len(batch)
-            rows = [{"index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
+            rows = [{"sample_index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
                      "perturbation": float(p), "extra": e}
                     for i, lab, c, a, p, e in zip(batch, y, result.clean_pred, result.adv_pred, norms, extras)]
             seconds = time.time() - started
@@ -479,6 +508,7 @@ class _Grid:
     splits: dict[str, Split]
     artifacts: ArtifactCache
     classifiers: _Classifiers
+    transfer: TransferSources | None = None  # the source models of transfer attacks
 
     def sources(self, entry: DefenseEntry) -> dict[str | None, TrainSource | None]:
         """The datasets ``entry`` is trained on: its own (``None``), and others for transferred purifiers."""
@@ -494,10 +524,19 @@ class _Grid:
         return out
 
 
-def check_request(request: RunRequest, registry: Registry[DefenseEntry] | None = None) -> None:
+def check_request(request: RunRequest, registry: Registry[DefenseEntry] | None = None, *, classifiers: bool = True
+                  ) -> tuple[list[DefenseEntry], list[Protocol], list[ThreatModel]]:
     """Check every axis of ``request`` as :func:`run_grid` does first, without opening any store: bad
-    input then creates no results DB either."""
-    _validate(request, _entries(request, registry or defense_registry()))
+    input then creates no results DB either. Returns the entries, protocols and threat models of the
+    grid; ``classifiers=False`` leaves the base classifiers' sources unchecked (nothing is loaded)."""
+    registry = registry or defense_registry()
+    entries = _entries(request, registry)
+    return (entries, *_validate(request, entries, registry, classifiers))
+
+
+def variant_splits(request: RunRequest, test: Split) -> dict[str, Split]:
+    """The test split's variants of ``request``, by variant name."""
+    return {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
 
 
 def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntry] | None = None
@@ -507,12 +546,16 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntr
     waited for at the end; SIGINT/SIGTERM stop the run at a batch boundary (:class:`Interrupted`)."""
     registry = registry or defense_registry()
     entries = _entries(request, registry)
-    protocols, threats = _validate(request, entries)
+    protocols, threats = _validate(request, entries, registry)
     timeout = claim_timeout()
     test = load_split(request.dataset, "test", request.data_root)
     artifacts = ArtifactCache(request.artifact_root, allow_train=request.allow_train)
-    splits = {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
-    grid = _Grid(request, registry, protocols, threats, test, splits, artifacts, _Classifiers(request, artifacts))
+    splits = variant_splits(request, test)
+    classifiers = _Classifiers(request, artifacts)
+    transfer = TransferSources(registry, test.info, artifacts, lambda: classifiers.get(request.classifier, test.info),
+                               preset=request.preset, options=request.options, data_root=request.data_root,
+                               progress=request.progress, seed=request.train_seed)
+    grid = _Grid(request, registry, protocols, threats, test, splits, artifacts, classifiers, transfer)
     slots: list[_Slot] = []
     with Session(engine, expire_on_commit=False) as session, Claims(engine, timeout) as claims, \
             Signals() as signals:
@@ -622,8 +665,10 @@ class _EntryCells:
                               options=entry.select_options(r.options), data_root=r.data_root, progress=r.progress,
                               seed=r.train_seed)
             self.network = _Network(own.id, own.provenance)
+        self.own = own
         sources = grid.sources(entry) if entry.kind is Kind.PURIFIER else {None: None}
-        self.planned = _plan(r, entry, grid.protocols, grid.threats, self.network.id, grid.splits, sources)
+        self.planned = plan_cells(r, entry, grid.protocols, grid.threats, self.network.id, grid.splits, sources,
+                                  grid.transfer.bind if grid.transfer else None)
         self.metadata = _entry_metadata(entry, grid.registry)
         self.defenses: dict[str | None, Defense | Exception] = {None: own.defense} if own and own.defense else {}
 
@@ -666,6 +711,7 @@ class _EntryCells:
 
     def _compute(self, item: _PlannedCell, force: bool) -> Cell:
         defense = self._defense(item)
+        self._note_training()
         session = self.worker.session
 
         def open_cell() -> Cell:
@@ -676,6 +722,14 @@ class _EntryCells:
         cell = retry_locked(session, open_cell)
         _execute(self.worker, cell, item, defense, self.grid.request)
         return cell
+
+    def _note_training(self) -> None:
+        """Once a harness-trained network exists, its training record (cost, metrics) joins the
+        provenance every cell of it stores."""
+        if self.own is not None and "training" not in self.network.provenance:
+            record = training_record(self.own, self.grid.artifacts)
+            if record is not None:
+                self.network = _Network(self.network.id, {**self.network.provenance, "training": record})
 
     def _defense(self, item: _PlannedCell) -> Defense:
         """The defense of ``item``'s training source, built once; raises what its build raised."""

@@ -6,6 +6,11 @@ Layout of ``out_dir``::
     leaderboard.md                    every table in one Markdown file (md)
     tables/<dataset>_<threat>_<eps>.md|.tex   one table per dataset / threat / eps (md, tex)
     cells.csv                         every cell, any status, with provenance (csv)
+    representations.md                the DRA representation analyses, when stored (md)
+    robust-training.md                the robust-training comparison, when its cells exist (md)
+    studies.md                        the study index: each study with done cells, and how many (md)
+    cells/<key>.html, cells/<key>.csv each finished cell's detail page and per-sample results (html;
+                                      not in the returned list: one pair per cell)
 """
 
 from __future__ import annotations
@@ -23,13 +28,18 @@ from sqlalchemy.engine import Engine
 import harness
 
 from harness.analysis.best_known import best_known
+from harness.analysis.gains import worst_of_n_accuracy
 from harness.core.errors import UsageError
 from harness.analysis.flags import cell_flags
 from harness.results.queries import done_samples
+from harness.report.cells import write_cell_pages
 from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
 from harness.report.html import ExtraSection, environment, render_html
 from harness.report.quality import quality_sections
 from harness.report.randomness import randomness_sections
+from harness.report.representations import representation_sections, representations_markdown
+from harness.report.robust_training import representation_rows, robust_training_markdown, robust_training_section
+from harness.report.studies import studies_markdown, studies_section, study_index
 from harness.report.tables import LeaderTable, build_tables, to_latex, to_markdown, write_cells_csv
 
 __all__ = ["FORMATS", "write_reports"]
@@ -109,7 +119,8 @@ def installed_entries() -> dict[tuple[str, str], dict[str, Any]]:
 def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = FORMATS, *,
                   extra_sections: Sequence[ExtraSection] = (),
                   installed: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
-                  templates: Path | None = None, generated_at: dt.datetime | None = None) -> list[Path]:
+                  templates: Path | None = None, generated_at: dt.datetime | None = None,
+                  studies: Sequence[Any] | None = None) -> list[Path]:
     """Write the requested report ``formats`` (a subset of :data:`FORMATS`) for the store behind
     ``engine`` into ``out_dir``; returns the paths written, in a stable order.
 
@@ -119,7 +130,10 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     cells and gives the roles (which defenses are baselines) of cells stored without one;
     ``templates`` is a folder of templates that override the shipped ones. An empty store gives a page
     saying so. Stale ``tables/*.md|.tex`` from an earlier report are removed; ``generated_at``
-    (default: now) is shown as UTC.
+    (default: now) is shown as UTC. With ``html``, every finished cell also gets a detail page and a
+    per-sample CSV under ``cells/`` (:func:`harness.report.cells.write_cell_pages`; stale ones removed),
+    which the returned list leaves out. ``studies`` (default: the study files,
+    :func:`harness.analysis.studies.load_studies`) feed the study index.
     """
     if isinstance(formats, str):  # "md,html" from a command line
         formats = [f.strip() for f in formats.split(",") if f.strip()]
@@ -133,10 +147,12 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     stamp = generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     cells = cells_frame(engine)
-    done = with_best_known(done_cells(cells), done_samples(engine))
+    samples = done_samples(engine)
+    done = with_best_known(done_cells(cells), samples)
     current_reported = {k: v.get("reported", []) for k, v in (installed or {}).items()}
     tables = build_tables(aggregate_seeds(done, current_reported))
     log.info("%d cells (%d finished) -> %d tables", len(cells), len(done), len(tables))
+    progress = study_index(engine, studies) if len(done) and {"md", "html"} & set(formats) else []
     written: list[Path] = []
     table_dir = out_dir / "tables"
     for ext, render in (("md", to_markdown), ("tex", to_latex)):
@@ -148,14 +164,26 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
         if ext == "md":
             written.append(_write_text(out_dir / "leaderboard.md", _combined_markdown(
                 tables, stamp, harness.__version__, len(cells) - len(done))))
+            analyses = representations_markdown(engine)
+            if analyses:
+                written.append(_write_text(out_dir / "representations.md", analyses))
+            comparison = robust_training_markdown(cells, representation_rows(engine))
+            if comparison:
+                written.append(_write_text(out_dir / "robust-training.md", comparison))
+            if progress:
+                written.append(_write_text(out_dir / "studies.md", studies_markdown(progress)))
     if "csv" in formats:
         written.append(write_cells_csv(cells, out_dir / "cells.csv"))
     if "html" in formats:
         baselines = baseline_defenses(cells, installed)
         extra_sections = [*quality_sections(cells, out_dir, baselines=baselines),
-                          *randomness_sections(engine, cells, out_dir, baselines), *extra_sections]
+                          *randomness_sections(engine, cells, out_dir, baselines),
+                          *robust_training_section(cells, representation_rows(engine)),
+                          *representation_sections(engine), *studies_section(progress), *extra_sections]
+        pages = write_cell_pages(out_dir, done, samples, environment(templates), reported=current_reported,
+                                 writer=_write_text)
         page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at,
-                           templates=templates)
+                           templates=templates, cell_pages=pages, worst_of_n=worst_of_n_accuracy(engine))
         written.append(_write_text(out_dir / "index.html", page))
     for path in written:
         log.debug("wrote %s", path)
