@@ -195,11 +195,15 @@ def stored_cells(engine: Engine, keys: Iterable[str]) -> list[StoredCell]:
     return out
 
 
-def done_keys(engine: Engine) -> list[str]:
-    """The keys of every finished cell, sorted (what :func:`verify_store` chooses from)."""
+def done_keys(engine: Engine, defenses: Sequence[str] = ()) -> list[str]:
+    """The keys of every finished cell (of ``defenses``, when given), sorted (what :func:`verify_store`
+    chooses from)."""
+    query = select(Cell.key).where(Cell.status == "done")
+    if defenses:
+        query = query.where(Cell.defense.in_(list(defenses)))
     try:
         with Session(engine) as session:
-            return sorted(session.scalars(select(Cell.key).where(Cell.status == "done")))
+            return sorted(session.scalars(query))
     except DBAPIError as exc:
         raise UsageError(f"cannot read the results database: {str(exc.orig).splitlines()[0]}") from None
 
@@ -397,15 +401,16 @@ def _compare(check: CellCheck, stored: StoredCell, rows: Mapping[int, Mapping[st
 def verify_store(db: str | None = None, *, cells: int = 2, samples: int | None = None, seed: int = 0,
                  keys: Sequence[str] = (), registry: Registry[DefenseEntry] | None = None, batch_size: int = 128,
                  allow_train: bool = True, data_root: str | None = None,
-                 artifact_root: str | None = None) -> list[CellCheck]:
-    """Verify ``cells`` finished cells of the store ``db`` chosen at random with ``seed`` (or the cells
-    ``keys``), each whole or ``samples`` of its samples; the store is only read."""
+                 artifact_root: str | None = None, defenses: Sequence[str] = ()) -> list[CellCheck]:
+    """Verify ``cells`` finished cells of the store ``db`` chosen at random with ``seed`` among those of
+    ``defenses`` (default: all), or the cells ``keys``, each whole or ``samples`` of its samples; the store
+    is only read."""
     for option, value in (("--cells", cells), ("--samples", samples), ("--batch-size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
     engine = read_only_engine(db)
     try:
-        done = done_keys(engine)
+        done = done_keys(engine, defenses)
         if keys:
             missing = [k for k in keys if k not in done]
             if missing:
@@ -413,6 +418,11 @@ def verify_store(db: str | None = None, *, cells: int = 2, samples: int | None =
                                  f"`harness show` ({len(done)} finished cells)")
             chosen = list(dict.fromkeys(keys))
         else:
+            if not done and defenses:
+                with Session(engine) as session:
+                    stored = sorted(session.scalars(select(Cell.defense).where(Cell.status == "done").distinct()))
+                raise UsageError(f"the results database holds no finished cell of {', '.join(defenses)}; valid: "
+                                 f"{', '.join(stored) or 'none (it has no finished cell)'}")
             if not done:
                 raise UsageError("the results database holds no finished cell to verify; run `harness run` first")
             chosen = sorted(random.Random(seed).sample(done, min(cells, len(done))))
