@@ -78,11 +78,11 @@ class PGD(Attack):
         draws = FixedNoise(seed, namespace=namespace).draws(indices)
         eps = self.threat.eps.value
         if self.threat.norm == "linf":
-            delta = (2 * draws.rand(x.shape[1:]) - 1) * eps
+            delta = (2 * draws.rand(x.shape[1:], device=x.device) - 1) * eps
         else:
-            direction = draws.randn(x.shape[1:])
+            direction = draws.randn(x.shape[1:], device=x.device)
             direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            radius = draws.rand((1, 1, 1)) * eps
+            radius = draws.rand((1, 1, 1), device=x.device) * eps
             delta = direction * radius
         return project(x + delta.to(x), x, self.threat)
 
