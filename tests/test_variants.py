@@ -103,3 +103,40 @@ def test_bad_names_list_valid_ones():
     for bad in ("colour", "corrupt:fog:1", "corrupt:contrast:6", "corrupt:contrast", "corrupt:contrast:x"):
         with pytest.raises(UsageError, match="valid: clean, colored"):
             apply_variant(_split(), bad)
+
+
+_FINGERPRINT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from harness.data import DatasetInfo, Split
+from harness.data.disk import fingerprint
+from harness.data.variants import apply_variant
+gen = torch.Generator().manual_seed(3)
+images = torch.randint(0, 256, (256, 3, 32, 32), generator=gen, dtype=torch.uint8)
+labels = torch.arange(256) % 10
+info = DatasetInfo("toy", 10, (3, 32, 32), tuple(str(i) for i in range(10)))
+split = Split(info, "test", images, labels, fingerprint(images.numpy(), labels.numpy()), "toy")
+print(torch.backends.cpu.get_cpu_capability(), apply_variant(split, "colored").fingerprint)
+"""
+
+
+def test_colored_images_are_the_same_on_every_cpu_kernel():
+    """A variant cell is keyed by its images: the colour transfer (float64) must not depend on the CPU
+    kernels torch dispatches to (in float32 the non-vectorised and the AVX kernels gave other images)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prints = set()
+    for capability in ("default", ""):  # the scalar kernels, then the machine's own (AVX2/AVX-512 on x86)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", _FINGERPRINT, str(Path(__file__).parent)], env=env,
+                             capture_output=True, text=True, check=True).stdout.split()
+        prints.add(out[1])
+        assert capability != "default" or out[0] == "DEFAULT"
+    assert len(prints) == 1

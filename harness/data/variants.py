@@ -91,13 +91,15 @@ def reinhard_transfer(source: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Colour transfer of ``source`` toward ``target`` (both (N, C, H, W) float in [0, 1]).
 
     In Lab, each channel of each source image is standardised and rescaled to the target image's
-    per-channel mean and std; the result is converted back to RGB and clamped to [0, 1].
+    per-channel mean and std; the result is converted back to RGB and clamped to [0, 1]. Computed in
+    float64: in float32 the conversions' rounding depends on the CPU kernels (the variant's images, and
+    so its cells' keys, differed between machines), in float64 the uint8 images come out the same.
     """
-    src, tgt = rgb_to_lab(_as_rgb(source)), rgb_to_lab(_as_rgb(target))
+    src, tgt = rgb_to_lab(_as_rgb(source).double()), rgb_to_lab(_as_rgb(target).double())
     mu_s, sd_s = src.mean(dim=(2, 3), keepdim=True), src.std(dim=(2, 3), keepdim=True)
     mu_t, sd_t = tgt.mean(dim=(2, 3), keepdim=True), tgt.std(dim=(2, 3), keepdim=True)
     lab = (src - mu_s) / sd_s.clamp_min(_STD_FLOOR) * sd_t + mu_t
-    return _back(lab_to_rgb(lab, clip=True), source.shape[1])
+    return _back(lab_to_rgb(lab, clip=True), source.shape[1]).to(source.dtype)
 
 
 def _params(name: str, severity: int, height: int):
