@@ -96,7 +96,8 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
              db: str | Engine | None = None, name: str | None = None, classifier: str = DEFAULT_CLASSIFIER,
              variants: str | Iterable[str] = ("clean",), variant_seed: int = 0, preset: str | None = None,
              options: Mapping[str, Any] | None = None, train_datasets: Iterable[str | None] = (None,),
-             train_classifier: str | None = None, batch_size: int = 128, force: bool = False,
+             train_classifier: str | None = None, batch_size: int | str = 128, channels_last: bool = False,
+             autocast: str | None = None, force: bool = False,
              allow_train: bool = True, train_seed: int = 0, data_root: str | None = None,
              artifact_root: str | None = None, progress: bool = True,
              registry: Registry[DefenseEntry] | None = None) -> pd.DataFrame:
@@ -120,7 +121,7 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
         protocols=tuple(_many(protocols, (str,))), n=n, seeds=tuple(_many(seeds, (int,))),
         variants=tuple(_many(variants, (str,))), variant_seed=variant_seed, preset=preset,
         train_datasets=tuple(train_datasets), train_classifier=train_classifier, options=dict(options or {}),
-        batch_size=batch_size, force=force, allow_train=allow_train, train_seed=train_seed, data_root=data_root,
+        batch_size=batch_size, channels_last=channels_last, autocast=autocast, force=force, allow_train=allow_train, train_seed=train_seed, data_root=data_root,
         artifact_root=artifact_root, progress=progress)
     if not isinstance(db, Engine):
         check_request(request, registry)  # bad input creates no store

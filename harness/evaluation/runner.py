@@ -46,21 +46,24 @@ from harness.core.threat import Epsilon, ThreatModel
 from harness.data import DatasetInfo, Split, dataset_info, dataset_names, load_split
 from harness.data.disk import read_meta
 from harness.data.variants import apply_variant, parse_variant, variant_registry
+from harness.evaluation.batching import AUTO, resolve_batch_size
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
                                          own_network, training_record, weights_fingerprint)
 from harness.evaluation.checks import batch_flags
 from harness.evaluation.concurrency import CLAIM_TIMEOUT_ENV, ClaimLost, Claims, Signals, claim_timeout
-from harness.evaluation.guards import CheckedDefense, check_batch
+from harness.evaluation.guards import check_batch
 from harness.evaluation.metrics import batch_quality, merge_quality
+from harness.evaluation.precision import Precision
 from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
+from harness.evaluation.sharing import shared_defense
 from harness.evaluation.transfer_sources import TransferSources, attack_note, check_sources, source_names
 from harness.results.provenance import code_provenance
 from harness.results.queries import (add_samples, done_indices, fail_cell, find_cell, finish_cell, finish_run,
                                      new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "RunRequest", "CellOutcome",
-           "Interrupted", "cell_key",
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "OPTIONAL_KEY_FIELDS",
+           "RunRequest", "CellOutcome", "Interrupted", "cell_key",
            "check_request", "plan_cells", "variant_splits",
            "evaluation_subset", "run_grid"]
 
@@ -110,7 +113,10 @@ class RunRequest:
     train_classifier: str | None = None
     #: ``--option`` values; each entry receives the ones it declares
     options: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto" (harness.evaluation.batching)
+    #: channels-last inputs and bfloat16 autocast (harness.evaluation.precision); keyed only when on
+    channels_last: bool = False
+    autocast: str | None = None
     force: bool = False
     allow_train: bool = True
     train_seed: int = 0
@@ -240,6 +246,7 @@ def _validate(request: RunRequest, entries: list[DefenseEntry], registry: Regist
         for protocol in protocols:
             protocol_for(protocol, entry).check(entry)
     _check_counts(request)
+    Precision(request.channels_last, request.autocast)
     size = _test_size(request)
     if request.n > size:
         raise UsageError(f"--n {request.n} is more than the {size} images of the {request.dataset} test split; "
@@ -272,8 +279,11 @@ def _check_axes(request: RunRequest) -> None:
 def _check_counts(request: RunRequest) -> None:
     """``n`` and the batch size are whole numbers >= 1; seeds are whole numbers the store can hold."""
     for option, value in (("--n", request.n), ("--batch-size", request.batch_size)):
+        if option == "--batch-size" and value == AUTO:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+            raise UsageError(f"{option} must be a whole number >= 1{' or auto' * (option == '--batch-size')}, "
+                             f"got {value!r}")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
             raise UsageError(f"--seed must be a whole number from -2**63 to 2**63-1, got {seed!r}")
@@ -290,12 +300,15 @@ def _test_size(request: RunRequest) -> int:
 #: the fields of a cell's config that its key hashes (``key_config`` in :func:`plan_cells`; the rest of a
 #: stored config is provenance). Keep in step with ``key_config``: tests/test_submissions.py checks it.
 KEY_FIELDS = ("defense", "classifier", "dataset", "threat", "attack", "protocol", "n", "seed")
+#: key fields present only when set (so the cells stored before them keep their keys)
+OPTIONAL_KEY_FIELDS = ("precision",)
 
 
 def cell_key(config: Mapping[str, Any]) -> str:
     """The key of the cell whose stored config (or key config) is ``config``, recomputed from it (a
     missing field is a KeyError naming it)."""
-    return content_hash({name: config[name] for name in KEY_FIELDS}, CELL_KEY_LENGTH)
+    optional = {name: config[name] for name in OPTIONAL_KEY_FIELDS if config.get(name)}
+    return content_hash({**{name: config[name] for name in KEY_FIELDS}, **optional}, CELL_KEY_LENGTH)
 
 
 def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
@@ -307,6 +320,7 @@ def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protoco
     both ``harness run`` and ``harness plan`` key cells here, so their keys agree."""
     preset = entry.resolve_preset(request.preset)
     options = entry.select_options(request.options)
+    precision = Precision(request.channels_last, request.autocast).describe()
     cells: dict[str, _PlannedCell] = {}
     for source, (variant, test), threat, spec, asked, seed in itertools.product(
             sources.values(), splits.items(), threats, request.attacks, protocols, request.seeds):
@@ -325,6 +339,7 @@ def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protoco
             "dataset": dataset,
             "threat": threat.describe(), "attack": attack.params(), "protocol": protocol.name,
             "n": request.n, "seed": seed,  # within the split: checked by _validate
+            **({"precision": precision} if precision else {}),
         }
         cell = _PlannedCell(entry, preset, options, source, protocol, (asked.name,), threat, spec, seed, test,
                             key_config, bind)
@@ -446,16 +461,25 @@ def _first_batch_flags(planned: _PlannedCell, defense: Defense, x: torch.Tensor,
     return [flag.describe() for flag in flags]
 
 
+def _flagged_random(cell: Cell) -> bool:
+    """Whether the cell's first batch found randomness outside the noise argument (no sharing then)."""
+    return any(flag.get("name") == "randomness" for flag in (cell.metrics or {}).get("flags", []))
+
+
 def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defense, request: RunRequest) -> None:
     """Evaluate the cell's missing samples batch by batch, committing each batch, then finish it."""
     session = worker.session
     attack = planned.attack_instance()
     test = planned.split
-    defense = CheckedDefense(defense, test.info.num_classes)
+    precision = Precision(request.channels_last, request.autocast)
+    defense = shared_defense(defense, test.info.num_classes, precision, precision.apply)
     measure_quality = planned.entry.kind is Kind.PURIFIER
     done = done_indices(session, cell)
     todo = [i for i in evaluation_subset(len(test.labels), cell.n).tolist() if i not in done]
-    batches = [todo[i:i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
+    target = functools.partial(planned.protocol.target, planned.entry, defense, planned.seed)
+    size = resolve_batch_size(request.batch_size, target, test, todo, defense)
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+    data = content_hash(planned.key_config["dataset"])
     label = f"{cell.defense} {cell.protocol} {cell.attack_label} eps={cell.eps_text} seed={cell.seed}"
     with worker.signals.deferred():
         for number, batch in enumerate(tqdm(batches, desc=label, disable=not request.progress, unit="batch")):
@@ -464,11 +488,12 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
             x, y = test.float_images(indices), test.labels[indices]
             if number == 0 and not done:  # the checks run once, on the cell's first batch
                 cell.metrics = {**(cell.metrics or {}), "flags": _first_batch_flags(planned, defense, x, y, indices)}
-            result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
-            norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
-            check_batch(result.x_adv, x, planned.threat, norms)
-            quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
-                                    indices) if measure_quality else None
+            with defense.sharing(x, data, enabled=not _flagged_random(cell)):
+                result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
+                norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
+                check_batch(result.x_adv, x, planned.threat, norms)
+                quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
+                                        indices) if measure_quality else None
             extras = result.extra or [None] * len(batch)
             rows = [{"sample_index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
                      "perturbation": float(p), "extra": e}
