@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from harness.attacks.base import Attack, Target, project
 from harness.core.noise import FixedNoise
+from harness.core.passes import gradient_free
 from harness.core.registry import suggest
 from harness.core.threat import ThreatModel
 
@@ -125,7 +126,7 @@ class PGD(Attack):
         x = x.detach()
         best, fooled_at = self._run(target, x, y, indices, seed, 0)
         for restart in range(1, self.restarts):  # a new random start for the points still standing
-            with torch.no_grad():
+            with gradient_free(target):
                 standing = (target(best, indices).argmax(1) == y) & (fooled_at < 0)
             if not standing.any():
                 break

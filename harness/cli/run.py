@@ -10,14 +10,14 @@ from typing import Any
 import click
 import pandas as pd
 
-from harness.cli.options import chosen_study, grid_options, grid_request
+from harness.cli.options import batch_size_option, chosen_study, grid_options, grid_request
 
 __all__ = ["run"]
 
 
 @click.command()
 @grid_options
-@click.option("--batch-size", default=128, show_default=True)
+@batch_size_option
 @click.option("--force", is_flag=True, help="Recompute cells that are already stored.")
 @click.option("--no-train", is_flag=True, help="Refuse to train missing artifacts instead of training them.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")

@@ -32,6 +32,12 @@ def _stream_seed(*parts: object) -> int:
 class NoiseDraws(ABC):
     """The random draws available to one forward pass of a batch."""
 
+    @property
+    def key(self) -> tuple | None:
+        """What determines every draw still to come, when that is known in advance (fixed randomness, no
+        draw taken yet): two draws objects with one key give the same draws. ``None`` otherwise."""
+        return None
+
     @abstractmethod
     def randn(self, shape: Sequence[int], *, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -68,6 +74,10 @@ class _PerSampleDraws(NoiseDraws):
         self._namespace = namespace
         self._indices = [int(i) for i in indices]
         self._count = 0
+
+    @property
+    def key(self):
+        return None if self._count else ("fixed", self._seed, self._namespace, tuple(self._indices))
 
     def _draw(self, fn, shape, device, dtype) -> torch.Tensor:
         k = self._count

@@ -37,7 +37,7 @@ from harness.attacks.catalog import attack_registry, build_attack
 from harness.classifiers.sources import DEFAULT_CLASSIFIER, LoadedClassifier, check_classifier, resolve_classifier
 from harness.attacks.transfer import SourcedAttack
 from harness.core.artifacts import ArtifactCache
-from harness.core.devices import describe_device, resolve_device
+from harness.core.devices import resolve_device
 from harness.core.entry import Defense, DefenseEntry, Kind, defense_registry
 from harness.core.errors import UsageError
 from harness.core.keys import CELL_KEY_LENGTH, content_hash
@@ -47,22 +47,24 @@ from harness.core.threat import Epsilon, ThreatModel
 from harness.data import DatasetInfo, Split, dataset_info, dataset_names, load_split
 from harness.data.disk import read_meta
 from harness.data.variants import apply_variant, parse_variant, variant_registry
+from harness.evaluation.batching import AUTO, resolve_batch_size
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
                                          own_network, training_record, weights_fingerprint)
 from harness.evaluation.concurrency import CLAIM_TIMEOUT_ENV, ClaimLost, Claims, Signals, claim_timeout
 from harness.evaluation.executors import CellJob, Executor, check_executor, make_executor
 from harness.evaluation.executors.batches import BatchResult, CellWork
-from harness.evaluation.guards import CheckedDefense
 from harness.evaluation.metrics import merge_quality
+from harness.evaluation.precision import Precision
 from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
+from harness.evaluation.sharing import shared_defense
 from harness.evaluation.transfer_sources import TransferSources, attack_note, check_sources, source_names
 from harness.results.provenance import code_provenance
 from harness.results.queries import (add_samples, done_indices, fail_cell, find_cell, finish_cell, finish_run,
                                      new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "RunRequest", "CellOutcome",
-           "Interrupted", "cell_key",
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "OPTIONAL_KEY_FIELDS",
+           "RunRequest", "CellOutcome", "Interrupted", "cell_key",
            "check_request", "plan_cells", "variant_splits",
            "evaluation_subset", "run_grid", "rebuild_cell_work"]
 
@@ -112,7 +114,10 @@ class RunRequest:
     train_classifier: str | None = None
     #: ``--option`` values; each entry receives the ones it declares
     options: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto" (harness.evaluation.batching)
+    #: channels-last inputs and bfloat16 autocast (harness.evaluation.precision); keyed only when on
+    channels_last: bool = False
+    autocast: str | None = None
     force: bool = False
     allow_train: bool = True
     train_seed: int = 0
@@ -250,6 +255,7 @@ def _validate(request: RunRequest, entries: list[DefenseEntry], registry: Regist
     check_executor(request.executor, request.address)
     if request.executor == "local":
         resolve_device(request.device)
+    Precision(request.channels_last, request.autocast)
     size = _test_size(request)
     if request.n > size:
         raise UsageError(f"--n {request.n} is more than the {size} images of the {request.dataset} test split; "
@@ -282,8 +288,11 @@ def _check_axes(request: RunRequest) -> None:
 def _check_counts(request: RunRequest) -> None:
     """``n`` and the batch size are whole numbers >= 1; seeds are whole numbers the store can hold."""
     for option, value in (("--n", request.n), ("--batch-size", request.batch_size)):
+        if option == "--batch-size" and value == AUTO:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+            raise UsageError(f"{option} must be a whole number >= 1{' or auto' * (option == '--batch-size')}, "
+                             f"got {value!r}")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
             raise UsageError(f"--seed must be a whole number from -2**63 to 2**63-1, got {seed!r}")
@@ -300,17 +309,17 @@ def _test_size(request: RunRequest) -> int:
 #: the fields of a cell's config that its key hashes (``key_config`` in :func:`plan_cells`; the rest of a
 #: stored config is provenance). Keep in step with ``key_config``: tests/test_submissions.py checks it.
 KEY_FIELDS = ("defense", "classifier", "dataset", "threat", "attack", "protocol", "n", "seed")
-#: keyed only when present: the device type of a cell computed on something other than the CPU (a GPU's
-#: kernels and noise generators give other numbers), so every CPU cell keeps the key it always had
-OPTIONAL_KEY_FIELDS = ("device",)
+#: key fields present only when set, so every cell stored before them keeps its key: the device type of a
+#: cell computed on something other than the CPU (a GPU's kernels and noise generators give other numbers)
+#: and a precision other than float32 (channels_last, bfloat16 autocast)
+OPTIONAL_KEY_FIELDS = ("device", "precision")
 
 
 def cell_key(config: Mapping[str, Any]) -> str:
     """The key of the cell whose stored config (or key config) is ``config``, recomputed from it (a
     missing field is a KeyError naming it)."""
-    keyed = {name: config[name] for name in KEY_FIELDS}
-    keyed.update({name: config[name] for name in OPTIONAL_KEY_FIELDS if name in config})
-    return content_hash(keyed, CELL_KEY_LENGTH)
+    optional = {name: config[name] for name in OPTIONAL_KEY_FIELDS if config.get(name)}
+    return content_hash({**{name: config[name] for name in KEY_FIELDS}, **optional}, CELL_KEY_LENGTH)
 
 
 def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
@@ -323,6 +332,7 @@ def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protoco
     ``harness plan`` key cells here, so their keys agree."""
     preset = entry.resolve_preset(request.preset)
     options = entry.select_options(request.options)
+    precision = Precision(request.channels_last, request.autocast).describe()
     cells: dict[str, _PlannedCell] = {}
     for source, (variant, test), threat, spec, asked, seed in itertools.product(
             sources.values(), splits.items(), threats, request.attacks, protocols, request.seeds):
@@ -341,6 +351,7 @@ def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protoco
             "dataset": dataset,
             "threat": threat.describe(), "attack": attack.params(), "protocol": protocol.name,
             "n": request.n, "seed": seed,  # within the split: checked by _validate
+            **({"precision": precision} if precision else {}),
         }
         if device_type != "cpu":
             key_config["device"] = device_type
@@ -458,11 +469,19 @@ def _store_group(worker: _Worker, cell: Cell, group: list[BatchResult]) -> bool:
     return True
 
 
-def cell_work(planned: _PlannedCell, defense: Defense, device: torch.device) -> CellWork:
-    """What evaluating ``planned``'s batches needs: its attack and its checked defense, on ``device``."""
-    checked = CheckedDefense(defense, planned.split.info.num_classes).to(device)
+def cell_work(planned: _PlannedCell, defense: Defense, device: torch.device, precision: Precision,
+              share: bool = True) -> CellWork:
+    """What evaluating ``planned``'s batches needs: its attack and its defense on ``device``, in
+    ``precision``, checked, and sharing its clean work with the other cells of the same built defense
+    (:mod:`harness.evaluation.sharing`) unless ``share`` is off."""
+    shared = shared_defense(defense, planned.split.info.num_classes, precision, precision.apply).to(device)
     return CellWork(planned.entry, planned.protocol, planned.threat, planned.attack_instance(), planned.seed,
-                    planned.split, checked, device)
+                    planned.split, shared, device, data=content_hash(planned.key_config["dataset"]), share=share)
+
+
+def _flagged_random(cell: Cell) -> bool:
+    """Whether the cell's first batch found randomness outside the noise argument (no sharing then)."""
+    return any(flag.get("name") == "randomness" for flag in (cell.metrics or {}).get("flags", []))
 
 
 def _prepare(planned: _PlannedCell) -> None:
@@ -484,10 +503,14 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
     """Evaluate the cell's missing samples through the run's executor, committing each group of batches
     as it arrives, then finish it."""
     session, request = worker.session, grid.request
+    work = cell_work(planned, defense, grid.device, Precision(request.channels_last, request.autocast),
+                     share=not _flagged_random(cell))
     done = done_indices(session, cell)
     todo = [i for i in evaluation_subset(len(planned.split.labels), cell.n).tolist() if i not in done]
-    batches = [todo[i:i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
-    job = CellJob(cell.key, batches, first=not done, local=lambda: cell_work(planned, defense, grid.device),
+    target = functools.partial(planned.protocol.target, planned.entry, work.defense, planned.seed)
+    size = resolve_batch_size(request.batch_size, target, planned.split, todo, work.defense)
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+    job = CellJob(cell.key, batches, first=not done, local=lambda: work,
                   rebuild={"request": worker_request(request), "entry": planned.entry.name, "key": cell.key},
                   prepare=functools.partial(_prepare, planned))
     label = f"{cell.defense} {cell.protocol} {cell.attack_label} eps={cell.eps_text} seed={cell.seed}"
@@ -644,7 +667,7 @@ def rebuild_cell_work(spec: Mapping[str, Any], registry: Registry[DefenseEntry] 
     if item is None:
         raise RuntimeError(f"cell {spec['key']} is not in the grid this worker rebuilt: its harness, data or "
                            f"artifacts differ from the driver's")
-    return cell_work(item, cells.defense(item), device)
+    return cell_work(item, cells.defense(item), device, Precision(request.channels_last, request.autocast))
 
 
 def _finish(worker: _Worker, status: str) -> None:

@@ -48,7 +48,7 @@ from harness.core.paths import data_root
 from harness.core.registry import Registry
 from harness.data import load_split
 from harness.data.disk import read_meta
-from harness.evaluation.runner import KEY_FIELDS, RunRequest, evaluation_subset, run_grid
+from harness.evaluation.runner import KEY_FIELDS, OPTIONAL_KEY_FIELDS, RunRequest, evaluation_subset, run_grid
 from harness.results.database import open_db, resolve_url
 from harness.results.queries import add_samples, find_cell
 from harness.results.schema import Cell, SampleResult
@@ -267,6 +267,7 @@ def request_for(config: Mapping[str, Any], *, batch_size: int = 128, allow_train
     try:
         defense, dataset, threat = config["defense"], config["dataset"], config["threat"]
         classifier = _classifier_spec(config)
+        precision = config.get("precision") or {}
         return RunRequest(
             defenses=(defense["name"],), dataset=dataset["name"], classifier=classifier, threat=threat["norm"],
             eps=(threat["eps_text"],), attacks=(attack_spec(config["attack"]),), protocols=(config["protocol"],),
@@ -276,6 +277,7 @@ def request_for(config: Mapping[str, Any], *, batch_size: int = 128, allow_train
             train_classifier=_train_classifier(defense.get("train_classifier"), config, classifier),
             options=dict(defense.get("options") or {}), batch_size=batch_size, allow_train=allow_train,
             train_seed=int(defense.get("train_seed", 0)), data_root=data_root, artifact_root=artifact_root,
+            channels_last=bool(precision.get("channels_last", False)), autocast=precision.get("autocast"),
             progress=False)
     except (KeyError, TypeError) as exc:
         raise UsageError(f"its stored config lacks {exc} (stored by an older harness?)") from None
@@ -325,7 +327,7 @@ def _weights(stored: Mapping[str, Any], recomputed: Mapping[str, Any]) -> tuple[
 
 
 def _key_difference(stored: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> str:
-    fields = [name for name in KEY_FIELDS if stored.get(name) != rebuilt.get(name)]
+    fields = [name for name in KEY_FIELDS + OPTIONAL_KEY_FIELDS if stored.get(name) != rebuilt.get(name)]
     return ", ".join(fields) or "nothing visible"
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
 from harness.attacks.base import Attack, perturbation_norm
-from harness.core.entry import Defense, DefenseEntry, Kind
+from harness.core.entry import DefenseEntry, Kind
 from harness.core.noise import FixedNoise
 from harness.core.threat import ThreatModel
 from harness.data import Split
@@ -18,13 +18,15 @@ from harness.evaluation.checks import batch_flags
 from harness.evaluation.guards import check_batch
 from harness.evaluation.metrics import batch_quality
 from harness.evaluation.protocols import Protocol
+from harness.evaluation.sharing import SharingDefense
 
 __all__ = ["BatchResult", "CellWork", "evaluate_batch"]
 
 
 @dataclass(frozen=True)
 class CellWork:
-    """What evaluating a cell's batches needs, on one device (the defense already checked and moved)."""
+    """What evaluating a cell's batches needs, on one device (the defense already checked and moved);
+    ``data`` names the cell's images for the shared clean work, which ``share`` turns on."""
 
     entry: DefenseEntry
     protocol: Protocol
@@ -32,8 +34,10 @@ class CellWork:
     attack: Attack
     seed: int
     split: Split
-    defense: Defense
+    defense: SharingDefense
     device: torch.device
+    data: Hashable = None
+    share: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,16 @@ def evaluate_batch(work: CellWork, batch: Sequence[int], flags: bool = False) ->
     x = work.split.float_images(indices).to(work.device)
     y = work.split.labels[indices].to(work.device)
     found = _first_batch_flags(work, x, y, indices) if flags else None
-    result = work.protocol.run(work.entry, work.defense, work.attack, x, y, indices, work.seed)
-    norms = perturbation_norm(result.x_adv, x, work.threat.norm)
-    check_batch(result.x_adv, x, work.threat, norms)
+    share = work.share and not any(flag.get("name") == "randomness" for flag in found or ())
     quality = None
-    if work.entry.kind is Kind.PURIFIER:
-        measured = batch_quality(work.defense, x, result.x_adv, FixedNoise(work.seed, namespace="defense"), indices)
-        quality = {name: values.detach().cpu() for name, values in measured.items()}
+    with work.defense.sharing(x, work.data, enabled=share):
+        result = work.protocol.run(work.entry, work.defense, work.attack, x, y, indices, work.seed)
+        norms = perturbation_norm(result.x_adv, x, work.threat.norm)
+        check_batch(result.x_adv, x, work.threat, norms)
+        if work.entry.kind is Kind.PURIFIER:
+            measured = batch_quality(work.defense, x, result.x_adv, FixedNoise(work.seed, namespace="defense"),
+                                     indices)
+            quality = {name: values.detach().cpu() for name, values in measured.items()}
     extras = result.extra or [None] * len(batch)
     rows = [{"sample_index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
              "perturbation": float(p), "extra": e}
