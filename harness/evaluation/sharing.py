@@ -69,12 +69,18 @@ class SharingDefense(CheckedDefense):
     def __init__(self, defense: Defense, num_classes: int):
         super().__init__(defense, num_classes)
         self.work = CleanWork()
+        self.shareable = True  # off for good once a check finds randomness outside the noise argument
         self._clean: tuple[torch.Tensor, int, Hashable] | None = None
+
+    def stop_sharing(self) -> None:
+        """Never share again (the defense draws randomness of its own: two passes are not one)."""
+        self.shareable = False
+        self.work = CleanWork()
 
     @contextlib.contextmanager
     def sharing(self, x: torch.Tensor, data: Hashable, enabled: bool = True) -> Iterator[None]:
         """Inside the block, passes on ``x`` (a clean batch of the data named ``data``) are shared."""
-        self._clean = (x, x._version, data) if enabled else None
+        self._clean = (x, x._version, data) if enabled and self.shareable else None
         try:
             yield
         finally:

@@ -69,9 +69,10 @@ def evaluate_batch(work: CellWork, batch: Sequence[int], flags: bool = False) ->
     x = work.split.float_images(indices).to(work.device)
     y = work.split.labels[indices].to(work.device)
     found = _first_batch_flags(work, x, y, indices) if flags else None
-    share = work.share and not any(flag.get("name") == "randomness" for flag in found or ())
+    if any(flag.get("name") == "randomness" for flag in found or ()):
+        work.defense.stop_sharing()
     quality = None
-    with work.defense.sharing(x, work.data, enabled=share):
+    with work.defense.sharing(x, work.data, enabled=work.share):
         result = work.protocol.run(work.entry, work.defense, work.attack, x, y, indices, work.seed)
         norms = perturbation_norm(result.x_adv, x, work.threat.norm)
         check_batch(result.x_adv, x, work.threat, norms)
