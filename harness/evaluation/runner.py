@@ -512,6 +512,7 @@ def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defens
     batches = [todo[i:i + size] for i in range(0, len(todo), size)]
     job = CellJob(cell.key, batches, first=not done, local=lambda: work,
                   rebuild={"request": worker_request(request), "entry": planned.entry.name, "key": cell.key},
+                  rebuild_with=rebuild_cell_work,
                   prepare=functools.partial(_prepare, planned))
     label = f"{cell.defense} {cell.protocol} {cell.attack_label} eps={cell.eps_text} seed={cell.seed}"
     with worker.signals.deferred(), tqdm(total=len(batches), desc=label, disable=not request.progress,

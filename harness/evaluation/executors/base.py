@@ -15,7 +15,7 @@ from harness.core.devices import describe_device
 from harness.core.errors import UsageError
 from harness.evaluation.executors.batches import BatchResult, CellWork
 
-__all__ = ["EXECUTORS", "RAY_INSTALL", "CellJob", "check_executor", "Executor", "ShardFailed", "make_executor"]
+__all__ = ["EXECUTORS", "RAY_INSTALL", "CellJob", "check_executor", "Executor", "ShardFailed"]
 
 #: the valid ``--executor`` values
 EXECUTORS = ("local", "ray")
@@ -26,7 +26,7 @@ RAY_INSTALL = "pip install 'harness[ray]'"
 class CellJob:
     """A cell's missing samples as batches (of ``--batch-size``) and three ways to get at the cell:
     ``local`` builds its :class:`CellWork` in this process, ``rebuild`` is the plain data a worker rebuilds
-    it from (the run request, the entry's name, the cell key; see
+    it from with ``rebuild_with`` (the run request, the entry's name, the cell key; see
     :func:`harness.evaluation.runner.rebuild_cell_work`), and ``prepare`` builds (training if needed)
     here what the workers then only load."""
 
@@ -36,6 +36,9 @@ class CellJob:
     local: Callable[[], CellWork]
     rebuild: dict[str, Any]
     prepare: Callable[[], None]
+    #: the worker-side rebuild, ``(rebuild, registry, device) -> CellWork`` (the runner's
+    #: ``rebuild_cell_work``, handed over so that executors never import the runner)
+    rebuild_with: Callable[[dict[str, Any], Any, torch.device], CellWork]
 
 
 class ShardFailed(RuntimeError):
@@ -80,16 +83,3 @@ def check_executor(name: str, address: str | None) -> None:
         raise UsageError("--address is for --executor ray; the local executor runs in this process")
     if name == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}")
-
-
-def make_executor(name: str, *, address: str | None = None, registry: Any = None) -> Executor:
-    """The executor called ``name`` (``local`` or ``ray``); ``address`` is the Ray cluster to join and
-    ``registry`` the defense registry workers rebuild entries from (``None``: the installed one)."""
-    check_executor(name, address)
-    if name == "local":
-        from harness.evaluation.executors.local import LocalExecutor
-
-        return LocalExecutor()
-    from harness.evaluation.executors.ray import RayExecutor
-
-    return RayExecutor(address=address, registry=registry)

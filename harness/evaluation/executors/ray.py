@@ -16,14 +16,14 @@ import logging
 import math
 import os
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from harness.core.devices import DEVICE_CHOICES
 from harness.core.errors import UsageError
 from harness.evaluation.executors.base import RAY_INSTALL, CellJob, Executor, ShardFailed
-from harness.evaluation.executors.batches import BatchResult, evaluate_batch
+from harness.evaluation.executors.batches import BatchResult, CellWork, evaluate_batch
 
 __all__ = ["RETRIES_ENV", "RayExecutor", "run_shard"]
 
@@ -60,13 +60,12 @@ def _error_line(exc: BaseException) -> str:
 
 
 def run_shard(spec: dict[str, Any], registry: Any, device: str, batches: list[list[int]],
-              first: bool) -> list[BatchResult]:
-    """The Ray task: rebuild the cell of ``spec`` on ``device`` and evaluate the shard's ``batches``
-    (``first``: its first batch is the cell's first, and runs the evaluation-quality checks)."""
-    from harness.evaluation.runner import rebuild_cell_work
-
+              first: bool, rebuild: Callable[[dict[str, Any], Any, torch.device], CellWork]) -> list[BatchResult]:
+    """The Ray task: rebuild the cell of ``spec`` on ``device`` with ``rebuild`` (the runner's
+    ``rebuild_cell_work``) and evaluate the shard's ``batches`` (``first``: its first batch is the cell's
+    first, and runs the evaluation-quality checks)."""
     torch.set_num_threads(1)  # the task declares one CPU
-    work = rebuild_cell_work(spec, registry, torch.device(device))
+    work = rebuild(spec, registry, torch.device(device))
     return [evaluate_batch(work, batch, flags=first and number == 0) for number, batch in enumerate(batches)]
 
 
@@ -148,7 +147,8 @@ class RayExecutor(Executor):
         shards = self._shards(job, gpu)
 
         def submit(number: int) -> Any:
-            return task.remote(spec, registry, target, shards[number], job.first and number == 0)
+            return task.remote(spec, registry, target, shards[number], job.first and number == 0,
+                               job.rebuild_with)
 
         pending = {submit(number): (number, 0) for number in range(len(shards))}
         failures: list[str] = []
