@@ -13,8 +13,9 @@ import torch
 
 from harness.attacks.autoattack import AutoAttackAdapter
 from harness.attacks.base import Target
-from harness.classifiers.architectures import build_classifier
 from harness.core.threat import Epsilon, ThreatModel
+
+from conftest import bench_model
 
 BATCH, SEED = 32, 0
 THREAT = ThreatModel("linf", Epsilon.parse("8/255"))
@@ -23,12 +24,7 @@ EPS = THREAT.eps.value
 
 @pytest.fixture(scope="module")
 def bench():
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_classifier("convnet-small", 10).eval().requires_grad_(False)
-    x = torch.rand((BATCH, 3, 32, 32), generator=gen)
+    model, x, gen = bench_model(BATCH)
     with torch.no_grad():
         y = model(x).argmax(1)  # every point starts correct, so every point is attacked
     return model, x, y

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from harness.attacks.base import Target
 from harness.attacks.pgd import PGD
-from harness.classifiers.architectures import build_classifier
 from harness.core.entry import Defense, DefenseEntry, Kind
 from harness.core.threat import Epsilon, ThreatModel
 from harness.evaluation.protocols import AdaptiveFixed
+
+from conftest import bench_model
 
 STEPS, RESTARTS, BATCH = 10, 2, 128
 ENTRY = DefenseEntry(name="bench", version="1", kind=Kind.CLASSIFIER, paper="p", citation="c",
@@ -49,12 +50,7 @@ class _Counted(Defense):
 def bench():
     """The model, a batch whose labels it gets right on about half the points, and the rows of each
     gradient call harness's PGD makes on it."""
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_classifier("convnet-small", 10).eval().requires_grad_(False)
-    x = torch.rand((BATCH, 3, 32, 32), generator=gen)
+    model, x, gen = bench_model(BATCH)
     with torch.no_grad():
         y = model(x).argmax(1)
     wrong = torch.arange(BATCH) % 2 == 1

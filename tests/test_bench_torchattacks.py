@@ -20,8 +20,9 @@ import torch
 
 from harness.attacks.base import Target
 from harness.attacks.pgd import PGD
-from harness.classifiers.architectures import build_classifier
 from harness.core.threat import Epsilon, ThreatModel
+
+from conftest import bench_model
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -31,12 +32,7 @@ THREAT = ThreatModel("linf", Epsilon.parse("8/255"))
 
 @pytest.fixture(scope="module")
 def bench():
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_classifier("convnet-small", 10).eval().requires_grad_(False)
-    x = torch.rand((BATCH, 3, 32, 32), generator=gen)
+    model, x, gen = bench_model(BATCH)
     y = torch.randint(0, 10, (BATCH,), generator=gen)
     return model, x, y
 
