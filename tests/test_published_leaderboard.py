@@ -87,3 +87,11 @@ def test_bad_readme_is_one_line(store, tmp_path):
                                        "--readme", str(tmp_path / "missing.md")])
     assert result.exit_code != 0 and "cannot read" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_run_changing_the_published_data_leaves_the_code_clean():
+    from harness.results.provenance import code_dirty
+
+    assert not code_dirty("") and not code_dirty("results.db\nleaderboards/index.html\nleaderboards/cells/ab.csv\n")
+    assert code_dirty("harness/report/html.py\n") and code_dirty("results.db\nleaderboards/studies/maep-paper.toml\n")
+    assert code_dirty("README.md")
