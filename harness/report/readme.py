@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.core.errors import UsageError
-from harness.report.tables import LeaderTable, markdown_rows
+from harness.report.tables import LeaderTable, markdown_escape, markdown_rows
 
 __all__ = ["START", "END", "main_table", "readme_block", "check_readme", "update_readme"]
 
@@ -40,6 +40,8 @@ def readme_block(tables: Sequence[LeaderTable], stamp: str, link: str, rows: int
                   f"of {stamp} (rendered from `results.db` by `harness report`; accuracies in percent, "
                   "Best-known = the per-sample worst case over every stored attack)", "",
                   markdown_rows(table, rows, README_COLUMNS)]
+        if table.notes:
+            lines += ["", " · ".join(markdown_escape(note) for note in table.notes)]
     return "\n".join(lines + ["", END])
 
 
