@@ -126,8 +126,11 @@ class PGD(Attack):
         x = x.detach()
         best, fooled_at = self._run(target, x, y, indices, seed, 0)
         for restart in range(1, self.restarts):  # a new random start for the points still standing
+            pending = fooled_at < 0
+            if not pending.any():  # every point fell on the way: nothing to check or restart
+                break
             with gradient_free(target):
-                standing = (target(best, indices).argmax(1) == y) & (fooled_at < 0)
+                standing = (target(best, indices).argmax(1) == y) & pending
             if not standing.any():
                 break
             rows = standing.nonzero().squeeze(1)
