@@ -116,7 +116,7 @@ def _raw(model: nn.Module, calls: list[Call], y: torch.Tensor) -> None:
 
 @pytest.mark.benchmark(group="pgd-vs-raw")
 def test_bench_raw_same_passes(benchmark, bench):
-    model, x, y, calls = bench
+    model, _, y, calls = bench
     benchmark(_raw, model, calls, y)
     _record(benchmark, calls)
 
