@@ -96,9 +96,11 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
              db: str | Engine | None = None, name: str | None = None, classifier: str = DEFAULT_CLASSIFIER,
              variants: str | Iterable[str] = ("clean",), variant_seed: int = 0, preset: str | None = None,
              options: Mapping[str, Any] | None = None, train_datasets: Iterable[str | None] = (None,),
-             train_classifier: str | None = None, batch_size: int = 128, force: bool = False,
+             train_classifier: str | None = None, batch_size: int | str = 128, channels_last: bool = False,
+             autocast: str | None = None, force: bool = False,
              allow_train: bool = True, train_seed: int = 0, data_root: str | None = None,
-             artifact_root: str | None = None, progress: bool = True,
+             artifact_root: str | None = None, progress: bool = True, executor: str = "local",
+             address: str | None = None, device: str = "cpu",
              registry: Registry[DefenseEntry] | None = None) -> pd.DataFrame:
     """Evaluate a model, an entry or a registered defense name (or a list of them) on every cell of the
     grid (eps x attacks x protocols x seeds x variants), storing the cells in ``db`` (a path, a
@@ -110,6 +112,8 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
 
     An ``nn.Module`` maps images in [0, 1] to logits and is evaluated as a classifier of its own, named
     ``name`` (default: its class name). ``classifier`` is the base classifier of purifier entries.
+    ``executor`` is ``local`` (in process) or ``ray`` (shards on the Ray cluster at ``address``, else a
+    local Ray instance); ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
     targets = _many(model_or_entry, (nn.Module, DefenseEntry, str))
     defenses = tuple(module_entry(t, name) if isinstance(t, nn.Module) else t for t in targets)
@@ -120,8 +124,9 @@ def evaluate(model_or_entry: nn.Module | DefenseEntry | str | Sequence[nn.Module
         protocols=tuple(_many(protocols, (str,))), n=n, seeds=tuple(_many(seeds, (int,))),
         variants=tuple(_many(variants, (str,))), variant_seed=variant_seed, preset=preset,
         train_datasets=tuple(train_datasets), train_classifier=train_classifier, options=dict(options or {}),
-        batch_size=batch_size, force=force, allow_train=allow_train, train_seed=train_seed, data_root=data_root,
-        artifact_root=artifact_root, progress=progress)
+        batch_size=batch_size, channels_last=channels_last, autocast=autocast, force=force,
+        allow_train=allow_train, train_seed=train_seed, data_root=data_root, artifact_root=artifact_root,
+        progress=progress, executor=executor, address=address, device=device)
     if not isinstance(db, Engine):
         check_request(request, registry)  # bad input creates no store
     engine = db if isinstance(db, Engine) else open_db(db)

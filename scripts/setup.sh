@@ -10,3 +10,5 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${HARNESS_TORCH:-2.13.0}"
 python -m pip install -q -e '.[dev]'
+# the Ray executor's tests (tests/test_ray_executor.py skip, saying so, when Ray cannot be installed)
+python -m pip install -q -e '.[ray]' || echo "could not install ray: the Ray executor tests will be skipped"

@@ -191,3 +191,16 @@ def module_db_url(request, tmp_path_factory) -> Iterator[str]:
     """:func:`db_url`, shared by the tests of a module."""
     with results_store(request.param, tmp_path_factory.mktemp("store")) as url:
         yield url
+
+
+def bench_model(batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Generator]:
+    """The benchmarks' model (``convnet-small`` from seed 0, frozen, on one torch thread), ``batch`` random
+    CIFAR-sized images, and the generator that drew them (for further draws)."""
+    from harness.classifiers.architectures import build_classifier
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_classifier("convnet-small", 10).eval().requires_grad_(False)
+    return model, torch.rand((batch, 3, 32, 32), generator=gen), gen

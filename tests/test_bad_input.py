@@ -97,7 +97,7 @@ CASES = [
                                     "image cube of cifar10; valid: 0 to 55.43"),
     ({"n": "0"}, "--n must be a whole number >= 1, got 0"),
     ({"n": "81"}, "--n 81 is more than the 80 images of the cifar10 test split; valid: 1 to 80"),
-    ({"batch_size": "0"}, "--batch-size must be a whole number >= 1, got 0"),
+    ({"batch_size": "0"}, "--batch-size must be a whole number >= 1 or auto, got 0"),
     # attack options
     ({"attack": "pgd:steps=abc"}, "bad options for attack 'pgd': steps must be a whole number >= 0, got 'abc'"),
     ({"attack": "pgd:steps=-1"}, "bad options for attack 'pgd': steps must be a whole number >= 0, got -1"),

@@ -74,6 +74,15 @@ def test_bench_checkpointed_gradient(benchmark, loaded, steps):
     assert held <= 3 * steps * image_bytes  # only the step inputs: no UNet activations
 
 
+@pytest.mark.benchmark(group="diffpure-exact-gradient")
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_bench_plain_gradient(benchmark, loaded, steps):
+    """The same gradient without checkpointing: every UNet activation of every step is kept."""
+    held = benchmark.pedantic(_gradient_bytes, args=(loaded, steps, False), rounds=1, iterations=1)
+    benchmark.extra_info["saved_bytes"] = held
+    assert held > 10 * 3 * steps * BATCH * 3 * 32 * 32 * 4
+
+
 @pytest.mark.benchmark(group="scoreopt-exact-gradient")
 @pytest.mark.parametrize("iters", [2, 5])
 def test_bench_scoreopt_checkpointed_gradient(benchmark, loaded, iters):

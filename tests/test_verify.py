@@ -115,6 +115,14 @@ def test_bad_verify_input_is_one_line(stored, tmp_path):
     result = _verify(stored, "--cells", "0")
     assert result.exit_code != 0 and "--cells must be a whole number >= 1, got 0" in result.output
     assert "no finished cell 'abc'" in _verify(stored, "--key", "abc").output
+    result = _verify(stored, "--defense", "maep")
+    assert result.exit_code != 0 and "no finished cell of maep; valid: none" in result.output
+
+
+def test_verify_chooses_among_one_defense(stored):
+    result = _verify(stored, "--defense", "none", "--cells", "3")
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 cell(s) verified: all agree" in result.output
 
 
 TRAIN = r"""

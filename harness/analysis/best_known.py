@@ -2,7 +2,7 @@
 
 RobustBench fills its "external evaluations" column by hand; here it is computed. Cells that differ only
 in their attack (same defense, options, network, dataset@fingerprint and variant, threat and eps,
-protocol, n and seed, hence the same images) form one setting; a sample counts as robust only if it is
+protocol, n and seed, and the precision when one is set, hence the same images) form one setting; a sample counts as robust only if it is
 classified correctly clean and survived every attack of its setting. Each attack's share of the breaks is
 kept too: how many samples it broke, and how many only it broke.
 """
@@ -23,7 +23,8 @@ SETTING_FIELDS = ("defense", "classifier", "dataset", "threat", "protocol", "n",
 
 def setting_key(config: Mapping[str, Any]) -> str:
     """The setting of a cell (its key config without the attack), as canonical JSON."""
-    return canonical_json({k: config.get(k) for k in SETTING_FIELDS})
+    precision = {"precision": config["precision"]} if config.get("precision") else {}  # only when set
+    return canonical_json({**{k: config.get(k) for k in SETTING_FIELDS}, **precision})
 
 
 @dataclass(frozen=True)

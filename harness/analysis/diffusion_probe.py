@@ -33,6 +33,7 @@ from harness.classifiers.architectures import penultimate_features
 from harness.classifiers.sources import DEFAULT_CLASSIFIER, resolve_classifier
 from harness.core.artifacts import ArtifactCache
 from harness.core.errors import UsageError
+from harness.core.passes import gradient_free
 from harness.core.threat import Epsilon, ThreatModel
 from harness.data import Split, dataset_info, load_split
 from harness.evaluation.runner import evaluation_subset
@@ -95,14 +96,14 @@ def probe_robustness(features: FeatureFn, probe: LinearProbe, split: Split, indi
                    unit="batch"):
         idx = indices[lo:lo + batch_size]
         x, y = split.float_images(idx), split.labels[idx]
-        with torch.no_grad():
+        with gradient_free(target):
             ok = target(x, idx).argmax(1) == y
         survived = ok.clone()
         rows = ok.nonzero().squeeze(1)
         if len(rows):
             x_adv = attack.perturb(target, x[rows], y[rows], idx[rows], seed)
             worst = max(worst, float(perturbation_norm(x_adv, x[rows], threat.norm).max()))
-            with torch.no_grad():
+            with gradient_free(target):
                 survived[rows] = target(x_adv, idx[rows]).argmax(1) == y[rows]
         clean_ok.append(ok)
         robust_ok.append(survived)
@@ -199,7 +200,7 @@ def run_diffusion_probe(request: ProbeRequest, engine: Engine | None = None) -> 
             started = time.time()
             probe = train_probe(train_features, train.labels[train_idx], classes, steps=request.probe_steps,
                                 lr=request.probe_lr, weight_decay=request.weight_decay, seed=request.seed)
-            with torch.no_grad():
+            with torch.inference_mode():
                 train_acc = float((probe(train_features).argmax(1) == train.labels[train_idx]).float().mean())
             probe_seconds = round(time.time() - started, 1)
             for spec in request.attacks:

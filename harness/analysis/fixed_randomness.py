@@ -15,6 +15,7 @@ so results are reproducible and independent of batch composition.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from harness.core.noise import FixedNoise, NoiseDraws
+from harness.core.passes import gradient_free
 
 __all__ = ["NORMS", "DistanceStats", "SpreadStats", "CompressionStats", "distances_to_clean",
            "randomness_spread", "compression_rates", "random_perturbation", "analyse"]
@@ -74,7 +76,17 @@ class CompressionStats:
     compression: float
 
 
-@torch.no_grad()
+def _gradient_free(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(purify, ...)`` run under :func:`~harness.core.passes.gradient_free` of the purifier (inference
+    mode unless it takes gradients in its forward pass)."""
+    @functools.wraps(fn)
+    def wrapper(purify: Purify, *args: Any, **kwargs: Any) -> Any:
+        with gradient_free(getattr(purify, "__self__", purify)):
+            return fn(purify, *args, **kwargs)
+    return wrapper
+
+
+@_gradient_free
 def distances_to_clean(purify: Purify, x: torch.Tensor, x_adv: torch.Tensor, indices: torch.Tensor,
                        seed: int) -> list[DistanceStats]:
     """Finding (a), with the evaluation noise of ``seed`` (the same per-sample draws for both calls)."""
@@ -100,7 +112,7 @@ def _mean_pairwise(outputs: list[torch.Tensor], norm: str) -> float:
     return torch.stack([_norm(a - b, norm) for a, b in pairs]).mean().item()
 
 
-@torch.no_grad()
+@_gradient_free
 def randomness_spread(purify: Purify, x: torch.Tensor, indices: torch.Tensor, seeds: Sequence[int],
                       radius: float, norm: str = "linf", n_inputs: int = 4) -> list[SpreadStats]:
     """Finding (b) for both norms; inputs are x and ``n_inputs - 1`` random perturbations of radius
@@ -124,7 +136,7 @@ def _kappa(p_x: torch.Tensor, p_xd: torch.Tensor, x: torch.Tensor, xd: torch.Ten
     return _norm(p_xd - p_x, norm)[keep] / moved[keep]
 
 
-@torch.no_grad()
+@_gradient_free
 def compression_rates(purify: Purify, x: torch.Tensor, indices: torch.Tensor, seed: int,
                       radii: Sequence[float], directions: int = 2,
                       x_adv: torch.Tensor | None = None) -> list[CompressionStats]:

@@ -148,7 +148,7 @@ def train_sae(train: torch.Tensor, settings: SAESettings, progress: bool = False
     return sae.eval().requires_grad_(False), scaling
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sae_loss(sae: TopKSAE, scaling: _Scaling, features: torch.Tensor) -> dict[str, float]:
     """Normalised MSE of ``sae`` on ``features``: ``sum ||x - x_hat||^2 / sum ||x - mean_train||^2``
     (1 = no better than the training mean), and the share of dictionary atoms never used on them."""

@@ -356,8 +356,10 @@ def _render(table: Mapping[str, Any], where: str) -> Render:
 # -- running and counting ---------------------------------------------------------------------------
 def with_run_settings(request: RunRequest, **settings: Any) -> RunRequest:
     """``request`` with how-to-run settings (``batch_size``, ``force``, ``allow_train``, ``data_root``,
-    ``artifact_root``, ``progress``) replaced: they never change a cell's key."""
-    allowed = {"batch_size", "force", "allow_train", "data_root", "artifact_root", "progress"}
+    ``artifact_root``, ``progress``, ``executor``, ``address``, ``device``) replaced: they never change a
+    cell's key, except that a GPU device is keyed (its numbers differ from the CPU's)."""
+    allowed = {"batch_size", "force", "allow_train", "data_root", "artifact_root", "progress", "executor", "address",
+               "device"}
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise UsageError(f"not a run setting: {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from harness.attacks.base import Attack, Target, project
 from harness.core.noise import FixedNoise
+from harness.core.passes import gradient_free
 from harness.core.registry import suggest
 from harness.core.threat import ThreatModel
 
@@ -78,11 +79,11 @@ class PGD(Attack):
         draws = FixedNoise(seed, namespace=namespace).draws(indices)
         eps = self.threat.eps.value
         if self.threat.norm == "linf":
-            delta = (2 * draws.rand(x.shape[1:]) - 1) * eps
+            delta = (2 * draws.rand(x.shape[1:], device=x.device) - 1) * eps
         else:
-            direction = draws.randn(x.shape[1:])
+            direction = draws.randn(x.shape[1:], device=x.device)
             direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            radius = draws.rand((1, 1, 1)) * eps
+            radius = draws.rand((1, 1, 1), device=x.device) * eps
             delta = direction * radius
         return project(x + delta.to(x), x, self.threat)
 
@@ -125,8 +126,11 @@ class PGD(Attack):
         x = x.detach()
         best, fooled_at = self._run(target, x, y, indices, seed, 0)
         for restart in range(1, self.restarts):  # a new random start for the points still standing
-            with torch.no_grad():
-                standing = (target(best, indices).argmax(1) == y) & (fooled_at < 0)
+            pending = fooled_at < 0
+            if not pending.any():  # every point fell on the way: nothing to check or restart
+                break
+            with gradient_free(target):
+                standing = (target(best, indices).argmax(1) == y) & pending
             if not standing.any():
                 break
             rows = standing.nonzero().squeeze(1)

@@ -9,7 +9,7 @@ import click
 from harness.core.errors import UsageError
 
 __all__ = ["db_option", "data_option", "option_values", "grid_options", "grid_request", "study_options",
-           "chosen_study", "split_csv", "parse_options", "registry_help"]
+           "chosen_study", "split_csv", "parse_options", "registry_help", "batch_size_option"]
 
 db_option = click.option("--db", default=None, help="Results database: a file path or SQLAlchemy URL "
                          "(default: $HARNESS_DB or ./results.db).")
@@ -17,6 +17,27 @@ data_option = click.option("--data-root", default=None, help="Dataset folder (de
                            "the user cache dir).")
 option_values = click.option("--option", "options", multiple=True,
                              help="Defense option key=value (see `harness list --defense NAME`); stored in the cell.")
+
+
+class _BatchSize(click.ParamType):
+    """A whole number >= 1, or ``auto`` (the largest batch that fits the device's memory)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number >= 1 or auto", param, ctx)
+
+
+batch_size_option = click.option(
+    "--batch-size", type=_BatchSize(), default=128, show_default=True,
+    help="Images per batch, or auto: the largest that fits the device's memory (measured per sample). Not part "
+         "of a cell's key; AutoAttack's per-sample results depend on it (the library's random starts are drawn "
+         "per batch).")
 
 
 def split_csv(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -55,6 +76,8 @@ def grid_options(command: Callable[..., Any]) -> Callable[..., Any]:
     is asked for with exactly the arguments of the run it plans): ``--defense`` ... ``--option``, ``--db``
     and ``--data-root``, plus ``--study``/``--studies``. They reach the command as keyword arguments;
     :func:`grid_request` turns them into a :class:`~harness.evaluation.runner.RunRequest`."""
+    from harness.evaluation.precision import AUTOCAST
+
     decorators = [
         click.option("--defense", "defenses", multiple=True,
                      help="Defense name(s); comma-separate or repeat for a grid (see `harness list`)."),
@@ -84,6 +107,11 @@ def grid_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--train-classifier", default=None,
                      help="Classifier the transferred purifiers are trained against (default: --classifier)."),
         option_values,
+        click.option("--channels-last", is_flag=True,
+                     help="Run the networks on channels-last inputs (recorded in the cell key)."),
+        click.option("--autocast", default=None, type=click.Choice(list(AUTOCAST)),
+                     help="Run the networks under bfloat16 autocast, outputs back in float32 (recorded in the cell "
+                          "key)."),
         *study_options,
         db_option,
         data_option,
@@ -103,7 +131,8 @@ study_options = (
 
 #: the grid options :func:`grid_request` reads (every other keyword is the command's own)
 GRID_KEYWORDS = ("defenses", "dataset", "classifier", "threat", "eps", "attacks", "protocols", "n", "seeds",
-                 "variants", "preset", "train_seed", "train_datasets", "train_classifier", "options")
+                 "variants", "preset", "train_seed", "train_datasets", "train_classifier", "options",
+                 "channels_last", "autocast")
 
 
 def _flag(keyword: str) -> str:
@@ -149,4 +178,5 @@ def grid_request(params: dict[str, Any], **settings: Any):
         n=params["n"], seeds=tuple(params["seeds"]), variants=split_csv(params["variants"]), preset=params["preset"],
         train_datasets=tuple(None if d == "same" else d for d in split_csv(params["train_datasets"])),
         train_classifier=params["train_classifier"], options=parse_options(params["options"]),
-        train_seed=params["train_seed"], data_root=params.get("data_root"), **settings)
+        train_seed=params["train_seed"], channels_last=params["channels_last"], autocast=params["autocast"],
+        data_root=params.get("data_root"), **settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -10,23 +11,39 @@ from harness.cli.options import db_option, split_csv
 
 __all__ = ["report", "show"]
 
+#: where `harness report` renders the default database (results.db): the leaderboard the repository commits
+PUBLISHED_OUT = Path("leaderboards")
+#: where it renders any other store (git-ignored), so a scratch report never overwrites the published one
+SCRATCH_OUT = Path("leaderboards/out")
+
 
 @click.command()
 @db_option
-@click.option("--out", default="leaderboards/out", show_default=True, type=click.Path(path_type=Path),
-              help="Output folder for tables and the HTML leaderboard.")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help=f"Output folder for tables and the HTML leaderboard (default: {PUBLISHED_OUT}, the published "
+                   f"leaderboard, for the default database; {SCRATCH_OUT}, which git ignores, for any other --db).")
 @click.option("--format", "formats", multiple=True, default=("md,tex,csv,html",), show_default=True,
               help="Any of md, tex, csv, html.")
 @click.option("--templates", "templates", default=None, type=click.Path(path_type=Path, file_okay=False),
               help="Folder of Jinja2 templates that restyle the leaderboard (default: the ones shipped "
                    "with harness); a template missing there falls back to the shipped one.")
-def report(db, out, formats, templates) -> None:
-    """Render Markdown/LaTeX/CSV tables and the HTML leaderboard from the results database."""
+@click.option("--readme", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="Also rewrite this Markdown file's leaderboard block (the main table's top rows and a link "
+                   "to the page), e.g. README.md.")
+def report(db, out, formats, templates, readme) -> None:
+    """Render Markdown/LaTeX/CSV tables and the HTML leaderboard from the results database.
+
+    \b
+    The published leaderboard:  harness report --readme README.md   (results.db -> leaderboards/)
+    A scratch store:            harness report --db scratch.db       (-> leaderboards/out/)
+    """
     from harness.report.writer import installed_entries, write_reports
     from harness.results.database import open_db
 
+    if out is None:
+        out = PUBLISHED_OUT if db is None and not os.environ.get("HARNESS_DB") else SCRATCH_OUT
     for path in write_reports(open_db(db), out, formats=split_csv(formats), installed=installed_entries(),
-                              templates=templates):
+                              templates=templates, readme=readme):
         click.echo(str(path))
 
 

@@ -10,18 +10,22 @@ from typing import Any
 import click
 import pandas as pd
 
-from harness.cli.options import chosen_study, grid_options, grid_request
+from harness.cli.options import batch_size_option, chosen_study, grid_options, grid_request
 
 __all__ = ["run"]
 
 
 @click.command()
 @grid_options
-@click.option("--batch-size", default=128, show_default=True)
+@batch_size_option
 @click.option("--force", is_flag=True, help="Recompute cells that are already stored.")
 @click.option("--no-train", is_flag=True, help="Refuse to train missing artifacts instead of training them.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(batch_size, force, no_train, no_progress, **params: Any) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: shards of samples as Ray tasks (pip install 'harness[ray]').")
+@click.option("--address", default=None, help="The Ray cluster to join (--executor ray); default: a local Ray instance.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto (CUDA if available).")
+def run(batch_size, force, no_train, no_progress, executor, address, device, **params: Any) -> None:
     """Evaluate defenses; every (defense, eps, attack, protocol, seed) is a stored cell.
 
     \b
@@ -32,7 +36,8 @@ def run(batch_size, force, no_train, no_progress, **params: Any) -> None:
     from harness.evaluation.runner import Interrupted
 
     study = chosen_study(params)
-    settings = dict(batch_size=batch_size, force=force, allow_train=not no_train, progress=not no_progress)
+    settings = dict(batch_size=batch_size, force=force, allow_train=not no_train, progress=not no_progress,
+                    executor=executor, address=address, device=device)
     try:
         if study:
             cells = _run_study(study, params, settings)

@@ -32,6 +32,12 @@ def _stream_seed(*parts: object) -> int:
 class NoiseDraws(ABC):
     """The random draws available to one forward pass of a batch."""
 
+    @property
+    def key(self) -> tuple | None:
+        """What determines every draw still to come, when that is known in advance (fixed randomness, no
+        draw taken yet): two draws objects with one key give the same draws. ``None`` otherwise."""
+        return None
+
     @abstractmethod
     def randn(self, shape: Sequence[int], *, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -58,7 +64,10 @@ class NoiseSource(ABC):
 
 
 class _PerSampleDraws(NoiseDraws):
-    """Draw ``k`` of sample ``i`` comes from its own generator seeded by ``(seed, namespace, i, k)``."""
+    """Draw ``k`` of sample ``i`` is the stream seeded by ``(seed, namespace, i, k)``, drawn on the requested
+    device by one generator per device, reseeded for each sample (no generator object per sample or draw).
+    On the CPU the values are those of ``torch.Generator().manual_seed(stream seed)``; a CUDA generator
+    draws its own (equally per-sample) values."""
 
     def __init__(self, seed: int, namespace: str, indices: Sequence[int]):
         self._seed = seed
@@ -66,14 +75,20 @@ class _PerSampleDraws(NoiseDraws):
         self._indices = [int(i) for i in indices]
         self._count = 0
 
+    @property
+    def key(self):
+        return None if self._count else ("fixed", self._seed, self._namespace, tuple(self._indices))
+
     def _draw(self, fn, shape, device, dtype) -> torch.Tensor:
         k = self._count
         self._count += 1
-        rows = []
-        for index in self._indices:
-            gen = torch.Generator().manual_seed(_stream_seed(self._seed, self._namespace, index, k))
-            rows.append(fn(tuple(shape), generator=gen, dtype=dtype))
-        return torch.stack(rows).to(device) if rows else torch.empty((0, *shape), dtype=dtype, device=device)
+        device = torch.device(device)
+        out = torch.empty((len(self._indices), *shape), dtype=dtype, device=device)
+        gen = _generator(device)
+        for row, index in enumerate(self._indices):
+            gen.manual_seed(_stream_seed(self._seed, self._namespace, index, k))
+            fn(tuple(shape), generator=gen, dtype=dtype, device=device, out=out[row])
+        return out
 
     def randn(self, shape, *, device="cpu", dtype=torch.float32):
         return self._draw(torch.randn, shape, device, dtype)
@@ -82,18 +97,27 @@ class _PerSampleDraws(NoiseDraws):
         return self._draw(torch.rand, shape, device, dtype)
 
 
-class _GeneratorDraws(NoiseDraws):
-    """Draws from one shared, advancing generator (fresh randomness)."""
+def _generator(device: torch.device) -> torch.Generator:
+    """A generator on ``device`` (reseeded by its user before every draw)."""
+    return torch.Generator(device=device)
 
-    def __init__(self, generator: torch.Generator, batch: int):
-        self._gen = generator
+
+class _GeneratorDraws(NoiseDraws):
+    """Draws from one shared, advancing generator (fresh randomness); its source keeps one per device."""
+
+    def __init__(self, source: "FreshNoise", batch: int):
+        self._source = source
         self._batch = batch
 
     def randn(self, shape, *, device="cpu", dtype=torch.float32):
-        return torch.randn((self._batch, *shape), generator=self._gen, dtype=dtype).to(device)
+        device = torch.device(device)
+        return torch.randn((self._batch, *shape), generator=self._source.generator(device), dtype=dtype,
+                           device=device)
 
     def rand(self, shape, *, device="cpu", dtype=torch.float32):
-        return torch.rand((self._batch, *shape), generator=self._gen, dtype=dtype).to(device)
+        device = torch.device(device)
+        return torch.rand((self._batch, *shape), generator=self._source.generator(device), dtype=dtype,
+                          device=device)
 
 
 class FixedNoise(NoiseSource):
@@ -115,16 +139,23 @@ class FixedNoise(NoiseSource):
 
 
 class FreshNoise(NoiseSource):
-    """Fresh randomness on every call, reproducible from ``seed`` through a private generator."""
+    """Fresh randomness on every call, reproducible from ``seed`` through private generators (one per
+    device, each seeded from ``seed``; on the CPU the stream is that of ``torch.Generator``)."""
 
     kind = "fresh"
 
     def __init__(self, seed: int):
         self.seed = int(seed)
-        self._gen = torch.Generator().manual_seed(_stream_seed(self.seed, "fresh"))
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This source's advancing generator on ``device``."""
+        if device not in self._gens:
+            self._gens[device] = _generator(device).manual_seed(_stream_seed(self.seed, "fresh"))
+        return self._gens[device]
 
     def draws(self, indices):
-        return _GeneratorDraws(self._gen, len(indices))
+        return _GeneratorDraws(self, len(indices))
 
     def describe(self):
         return {"kind": self.kind, "seed": self.seed}

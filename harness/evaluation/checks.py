@@ -16,14 +16,14 @@ potentially unreliable.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from harness.attacks.base import Target
+from harness.core.passes import counting_gradients
 
 __all__ = ["Flag", "FLAG_HELP", "batch_flags", "GRADIENT_FLOOR", "VANISHING_SHARE"]
 
@@ -98,27 +98,8 @@ def _vanishing(target: Target, x: torch.Tensor, y: torch.Tensor, indices: torch.
     return None
 
 
-@contextlib.contextmanager
-def _counting_gradients() -> Iterator[list[int]]:
-    """Count calls of ``torch.autograd.grad`` and ``torch.autograd.backward`` inside the block."""
-    calls = [0]
-    grad, backward = torch.autograd.grad, torch.autograd.backward
-
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            calls[0] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    torch.autograd.grad, torch.autograd.backward = counted(grad), counted(backward)
-    try:
-        yield calls
-    finally:
-        torch.autograd.grad, torch.autograd.backward = grad, backward
-
-
 def _dynamic(forward: Forward, x: torch.Tensor) -> Flag | None:
-    with _counting_gradients() as calls, torch.no_grad():
+    with counting_gradients() as calls, torch.no_grad():
         forward(x)
     if calls[0]:
         return Flag("dynamic", f"{calls[0]} gradient computation(s) in one forward pass of {len(x)} images")

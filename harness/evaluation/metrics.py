@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from harness.core.noise import NoiseSource
+from harness.core.passes import gradient_free
 
 __all__ = ["PSNR_CAP", "psnr", "ssim", "lp_distance", "quality", "batch_quality", "merge_quality"]
 
@@ -73,7 +74,7 @@ def batch_quality(defense: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, nois
     misclassified images unattacked, and counting them would mix in capped PSNRs). Draws the purifier's
     randomness from ``noise`` for ``indices``, as the evaluation does."""
     attacked = (x_adv != x).flatten(1).any(dim=1)
-    with torch.no_grad():
+    with gradient_free(defense):
         clean = defense.purify(x, noise.draws(indices))
         adv = defense.purify(x_adv[attacked], noise.draws(indices[attacked])) if attacked.any() \
             else x[attacked]

@@ -32,6 +32,7 @@ from harness.attacks.base import Attack, Target
 from harness.core.entry import Defense, DefenseEntry, Kind
 from harness.core.errors import UsageError
 from harness.core.noise import FixedNoise, FreshNoise, _stream_seed
+from harness.core.passes import gradient_free
 from harness.core.registry import Registry
 
 
@@ -77,7 +78,7 @@ class Protocol(ABC):
             y: torch.Tensor, indices: torch.Tensor, seed: int) -> BatchResult:
         attack = self.attack_for(attack)
         evaluation = FixedNoise(seed, namespace="defense")
-        with torch.no_grad():
+        with gradient_free(defense):
             clean_pred = defense(x, evaluation.draws(indices)).argmax(1)
         correct = clean_pred == y
         x_adv = x.clone()
@@ -86,7 +87,7 @@ class Protocol(ABC):
         if correct.any():
             sel = correct.nonzero().squeeze(1)
             x_adv[sel] = attack.perturb(self.target(entry, defense, seed), x[sel], y[sel], indices[sel], seed)
-            with torch.no_grad():
+            with gradient_free(defense):
                 adv_pred[sel] = defense(x_adv[sel], evaluation.draws(indices[sel])).argmax(1)
             fooled_at[sel] = _fooled_at(attack, len(sel))
         return BatchResult(clean_pred, adv_pred, x_adv, _step_record(attack, fooled_at, correct & (adv_pred != y)))
@@ -174,14 +175,14 @@ class AdaptiveEOT(Protocol):
 
     def run(self, entry, defense, attack, x, y, indices, seed):
         evaluation = FreshNoise(_batch_seed(seed, "evaluate", indices))
-        with torch.no_grad():
+        with gradient_free(defense):
             clean_pred = defense(x, evaluation.draws(indices)).argmax(1)
         x_adv = x.clone()
         sel = (clean_pred == y).nonzero().squeeze(1)
         if len(sel):
             target = self.target(entry, defense, _batch_seed(seed, "attack", indices))
             x_adv[sel] = attack.perturb(target, x[sel], y[sel], indices[sel], seed)
-        with torch.no_grad():
+        with gradient_free(defense):
             preds = torch.stack([defense(x_adv, evaluation.draws(indices)).argmax(1)
                                  for _ in range(self.worst_of)])
         correct = (preds == y).sum(0)
@@ -203,6 +204,7 @@ class BPDA(Protocol):
         noise = FixedNoise(seed, namespace="defense")
 
         def fn(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            # no_grad, not inference mode: the purified images enter the attack's autograd graph below
             with torch.no_grad():
                 purified = defense.purify(x.detach(), noise.draws(indices))
             return defense.classifier(x + (purified - x).detach())

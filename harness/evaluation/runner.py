@@ -32,37 +32,41 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from harness.attacks.base import Attack, perturbation_norm
+from harness.attacks.base import Attack
 from harness.attacks.catalog import attack_registry, build_attack
 from harness.classifiers.sources import DEFAULT_CLASSIFIER, LoadedClassifier, check_classifier, resolve_classifier
+from harness.attacks.transfer import SourcedAttack
 from harness.core.artifacts import ArtifactCache
+from harness.core.devices import resolve_device
 from harness.core.entry import Defense, DefenseEntry, Kind, defense_registry
 from harness.core.errors import UsageError
 from harness.core.keys import CELL_KEY_LENGTH, content_hash
-from harness.core.noise import FixedNoise
-from harness.core.paths import data_root
+from harness.core.paths import artifact_root, data_root
 from harness.core.registry import Registry, suggest
 from harness.core.threat import Epsilon, ThreatModel
 from harness.data import DatasetInfo, Split, dataset_info, dataset_names, load_split
 from harness.data.disk import read_meta
 from harness.data.variants import apply_variant, parse_variant, variant_registry
+from harness.evaluation.batching import AUTO, resolve_batch_size
 from harness.evaluation.building import (OwnNetwork, build_defense, build_transferred_defense, check_transferable,
                                          own_network, training_record, weights_fingerprint)
-from harness.evaluation.checks import batch_flags
 from harness.evaluation.concurrency import CLAIM_TIMEOUT_ENV, ClaimLost, Claims, Signals, claim_timeout
-from harness.evaluation.guards import CheckedDefense, check_batch
-from harness.evaluation.metrics import batch_quality, merge_quality
+from harness.evaluation.executors import CellJob, Executor, check_executor, make_executor
+from harness.evaluation.executors.batches import BatchResult, CellWork
+from harness.evaluation.metrics import merge_quality
+from harness.evaluation.precision import Precision
 from harness.evaluation.protocols import Protocol, get_protocol, protocol_for, protocol_registry
+from harness.evaluation.sharing import shared_defense
 from harness.evaluation.transfer_sources import TransferSources, attack_note, check_sources, source_names
 from harness.results.provenance import code_provenance
 from harness.results.queries import (add_samples, done_indices, fail_cell, find_cell, finish_cell, finish_run,
                                      new_run, reset_cell, retry_locked)
 from harness.results.schema import Cell, Run
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "RunRequest", "CellOutcome",
-           "Interrupted", "cell_key",
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "CLAIM_TIMEOUT_ENV", "KEY_FIELDS", "OPTIONAL_KEY_FIELDS",
+           "RunRequest", "CellOutcome", "Interrupted", "cell_key",
            "check_request", "plan_cells", "variant_splits",
-           "evaluation_subset", "run_grid"]
+           "evaluation_subset", "run_grid", "rebuild_cell_work"]
 
 log = logging.getLogger(__name__)
 #: PGD-20 and AutoAttack standard: on the trained small classifiers PGD-20 alone was 4.9 points weaker than
@@ -110,13 +114,21 @@ class RunRequest:
     train_classifier: str | None = None
     #: ``--option`` values; each entry receives the ones it declares
     options: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto" (harness.evaluation.batching)
+    #: channels-last inputs and bfloat16 autocast (harness.evaluation.precision); keyed only when on
+    channels_last: bool = False
+    autocast: str | None = None
     force: bool = False
     allow_train: bool = True
     train_seed: int = 0
     data_root: str | None = None
     artifact_root: str | None = None
     progress: bool = True
+    #: ``local`` (in this process) or ``ray`` (shards of samples on a Ray cluster, ``address`` or a local one)
+    executor: str = "local"
+    address: str | None = None
+    #: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; a cell computed on a GPU records it in its key
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,10 @@ def _validate(request: RunRequest, entries: list[DefenseEntry], registry: Regist
         for protocol in protocols:
             protocol_for(protocol, entry).check(entry)
     _check_counts(request)
+    check_executor(request.executor, request.address)
+    if request.executor == "local":
+        resolve_device(request.device)
+    Precision(request.channels_last, request.autocast)
     size = _test_size(request)
     if request.n > size:
         raise UsageError(f"--n {request.n} is more than the {size} images of the {request.dataset} test split; "
@@ -272,8 +288,11 @@ def _check_axes(request: RunRequest) -> None:
 def _check_counts(request: RunRequest) -> None:
     """``n`` and the batch size are whole numbers >= 1; seeds are whole numbers the store can hold."""
     for option, value in (("--n", request.n), ("--batch-size", request.batch_size)):
+        if option == "--batch-size" and value == AUTO:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+            raise UsageError(f"{option} must be a whole number >= 1{' or auto' * (option == '--batch-size')}, "
+                             f"got {value!r}")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
             raise UsageError(f"--seed must be a whole number from -2**63 to 2**63-1, got {seed!r}")
@@ -290,23 +309,30 @@ def _test_size(request: RunRequest) -> int:
 #: the fields of a cell's config that its key hashes (``key_config`` in :func:`plan_cells`; the rest of a
 #: stored config is provenance). Keep in step with ``key_config``: tests/test_submissions.py checks it.
 KEY_FIELDS = ("defense", "classifier", "dataset", "threat", "attack", "protocol", "n", "seed")
+#: key fields present only when set, so every cell stored before them keeps its key: the device type of a
+#: cell computed on something other than the CPU (a GPU's kernels and noise generators give other numbers)
+#: and a precision other than float32 (channels_last, bfloat16 autocast)
+OPTIONAL_KEY_FIELDS = ("device", "precision")
 
 
 def cell_key(config: Mapping[str, Any]) -> str:
     """The key of the cell whose stored config (or key config) is ``config``, recomputed from it (a
     missing field is a KeyError naming it)."""
-    return content_hash({name: config[name] for name in KEY_FIELDS}, CELL_KEY_LENGTH)
+    optional = {name: config[name] for name in OPTIONAL_KEY_FIELDS if config.get(name)}
+    return content_hash({**{name: config[name] for name in KEY_FIELDS}, **optional}, CELL_KEY_LENGTH)
 
 
 def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protocol], threats: list[ThreatModel],
                network_id: str, splits: dict[str, Split], sources: dict[str | None, TrainSource | None],
-               bind: Callable[[Attack], Attack] | None = None) -> list[_PlannedCell]:
+               bind: Callable[[Attack], Attack] | None = None, device_type: str = "cpu") -> list[_PlannedCell]:
     """The cells of ``entry`` in ``request``'s grid, keyed (pure: nothing is built, loaded or stored).
     ``network_id`` names the network the cells evaluate, ``splits`` are the test split's variants,
-    ``sources`` the datasets the entry is trained on and ``bind`` hands transfer attacks their source;
-    both ``harness run`` and ``harness plan`` key cells here, so their keys agree."""
+    ``sources`` the datasets the entry is trained on, ``bind`` hands transfer attacks their source and
+    ``device_type`` is what the cells compute on (keyed unless ``cpu``); both ``harness run`` and
+    ``harness plan`` key cells here, so their keys agree."""
     preset = entry.resolve_preset(request.preset)
     options = entry.select_options(request.options)
+    precision = Precision(request.channels_last, request.autocast).describe()
     cells: dict[str, _PlannedCell] = {}
     for source, (variant, test), threat, spec, asked, seed in itertools.product(
             sources.values(), splits.items(), threats, request.attacks, protocols, request.seeds):
@@ -325,7 +351,10 @@ def plan_cells(request: RunRequest, entry: DefenseEntry, protocols: list[Protoco
             "dataset": dataset,
             "threat": threat.describe(), "attack": attack.params(), "protocol": protocol.name,
             "n": request.n, "seed": seed,  # within the split: checked by _validate
+            **({"precision": precision} if precision else {}),
         }
+        if device_type != "cpu":
+            key_config["device"] = device_type
         cell = _PlannedCell(entry, preset, options, source, protocol, (asked.name,), threat, spec, seed, test,
                             key_config, bind)
         # one cell answers every request with its key: e.g. pgd and pgd:eot=4 under fixed randomness, or
@@ -418,64 +447,80 @@ class _Worker:
     run: Run
     claims: Claims
     signals: Signals
+    executor: Executor
 
 
-def _store_batch(worker: _Worker, cell: Cell, rows: list[dict[str, Any]], quality: dict[str, torch.Tensor] | None,
-                 seconds: float) -> bool:
-    """Commit one batch's samples and the cell's running totals, with a heartbeat of the cell's claim in
-    the same transaction; False (nothing written) if the claim is no longer ours."""
+def _store_group(worker: _Worker, cell: Cell, group: list[BatchResult]) -> bool:
+    """Commit a group of batches (one for ``local``, a shard for ``ray``): their samples, flags and the
+    cell's running totals, with a heartbeat of the cell's claim in the same transaction; False (nothing
+    written) if the claim is no longer ours."""
     session = worker.session
     if not worker.claims.touch(session, cell.key):
         session.rollback()
         return False
-    cell.n_done += add_samples(session, cell, rows)
-    cell.seconds += seconds
-    if quality is not None:
-        cell.metrics = merge_quality(cell.metrics, quality)
+    for result in group:
+        if result.flags is not None:
+            cell.metrics = {**(cell.metrics or {}), "flags": result.flags}
+        cell.n_done += add_samples(session, cell, result.rows)
+        cell.seconds += result.seconds
+        if result.quality is not None:
+            cell.metrics = merge_quality(cell.metrics, result.quality)
     session.commit()
     return True
 
 
-def _first_batch_flags(planned: _PlannedCell, defense: Defense, x: torch.Tensor, y: torch.Tensor,
-                       indices: torch.Tensor) -> list[dict[str, Any]]:
-    """The evaluation-quality flags (:mod:`harness.evaluation.checks`) of a cell's first batch: the
-    defense as the cell evaluates it (its fixed noise) and what the cell's attack differentiates."""
-    noise = FixedNoise(planned.seed, namespace="defense")
-    target = planned.protocol.target(planned.entry, defense, planned.seed)
-    flags = batch_flags(lambda images: defense(images, noise.draws(indices)), target, x, y, indices)
-    return [flag.describe() for flag in flags]
+def cell_work(planned: _PlannedCell, defense: Defense, device: torch.device, precision: Precision,
+              share: bool = True) -> CellWork:
+    """What evaluating ``planned``'s batches needs: its attack and its defense on ``device``, in
+    ``precision``, checked, and sharing its clean work with the other cells of the same built defense
+    (:mod:`harness.evaluation.sharing`) unless ``share`` is off."""
+    shared = shared_defense(defense, planned.split.info.num_classes, precision, precision.apply).to(device)
+    return CellWork(planned.entry, planned.protocol, planned.threat, planned.attack_instance(), planned.seed,
+                    planned.split, shared, device, data=content_hash(planned.key_config["dataset"]), share=share)
 
 
-def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defense, request: RunRequest) -> None:
-    """Evaluate the cell's missing samples batch by batch, committing each batch, then finish it."""
-    session = worker.session
+def _flagged_random(cell: Cell) -> bool:
+    """Whether the cell's first batch found randomness outside the noise argument (no sharing then)."""
+    return any(flag.get("name") == "randomness" for flag in (cell.metrics or {}).get("flags", []))
+
+
+def _prepare(planned: _PlannedCell) -> None:
+    """Build (training if needed) a transfer attack's source model here, before workers load it."""
     attack = planned.attack_instance()
-    test = planned.split
-    defense = CheckedDefense(defense, test.info.num_classes)
-    measure_quality = planned.entry.kind is Kind.PURIFIER
+    if isinstance(attack, SourcedAttack) and attack.source_model is not None:
+        attack.source_model.target(planned.seed)
+
+
+def worker_request(request: RunRequest) -> RunRequest:
+    """``request`` as workers rebuild cells from it: its data and artifact roots resolved here (a worker
+    may not share this process's environment), nothing trained, no progress bars."""
+    return replace(request, data_root=str(data_root(request.data_root)),
+                   artifact_root=str(artifact_root(request.artifact_root)), allow_train=False, progress=False,
+                   force=False)
+
+
+def _execute(worker: _Worker, cell: Cell, planned: _PlannedCell, defense: Defense, grid: _Grid) -> None:
+    """Evaluate the cell's missing samples through the run's executor, committing each group of batches
+    as it arrives, then finish it."""
+    session, request = worker.session, grid.request
+    work = cell_work(planned, defense, grid.device, Precision(request.channels_last, request.autocast),
+                     share=not _flagged_random(cell))
     done = done_indices(session, cell)
-    todo = [i for i in evaluation_subset(len(test.labels), cell.n).tolist() if i not in done]
-    batches = [todo[i:i + request.batch_size] for i in range(0, len(todo), request.batch_size)]
+    todo = [i for i in evaluation_subset(len(planned.split.labels), cell.n).tolist() if i not in done]
+    target = functools.partial(planned.protocol.target, planned.entry, work.defense, planned.seed)
+    size = resolve_batch_size(request.batch_size, target, planned.split, todo, work.defense)
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+    job = CellJob(cell.key, batches, first=not done, local=lambda: work,
+                  rebuild={"request": worker_request(request), "entry": planned.entry.name, "key": cell.key},
+                  rebuild_with=rebuild_cell_work,
+                  prepare=functools.partial(_prepare, planned))
     label = f"{cell.defense} {cell.protocol} {cell.attack_label} eps={cell.eps_text} seed={cell.seed}"
-    with worker.signals.deferred():
-        for number, batch in enumerate(tqdm(batches, desc=label, disable=not request.progress, unit="batch")):
-            started = time.time()
-            indices = torch.tensor(batch)
-            x, y = test.float_images(indices), test.labels[indices]
-            if number == 0 and not done:  # the checks run once, on the cell's first batch
-                cell.metrics = {**(cell.metrics or {}), "flags": _first_batch_flags(planned, defense, x, y, indices)}
-            result = planned.protocol.run(planned.entry, defense, attack, x, y, indices, planned.seed)
-            norms = perturbation_norm(result.x_adv, x, planned.threat.norm)
-            check_batch(result.x_adv, x, planned.threat, norms)
-            quality = batch_quality(defense, x, result.x_adv, FixedNoise(planned.seed, namespace="defense"),
-                                    indices) if measure_quality else None
-            extras = result.extra or [None] * len(batch)
-            rows = [{"sample_index": int(i), "label": int(lab), "clean_pred": int(c), "adv_pred": int(a),
-                     "perturbation": float(p), "extra": e}
-                    for i, lab, c, a, p, e in zip(batch, y, result.clean_pred, result.adv_pred, norms, extras)]
-            seconds = time.time() - started
-            if not retry_locked(session, functools.partial(_store_batch, worker, cell, rows, quality, seconds)):
+    with worker.signals.deferred(), tqdm(total=len(batches), desc=label, disable=not request.progress,
+                                         unit="batch") as bar:
+        for group in worker.executor.evaluate(job):
+            if not retry_locked(session, functools.partial(_store_group, worker, cell, group)):
                 raise ClaimLost(cell.key)
+            bar.update(len(group))
             worker.signals.check()
     retry_locked(session, lambda: finish_cell(session, cell))
 
@@ -509,6 +554,7 @@ class _Grid:
     artifacts: ArtifactCache
     classifiers: _Classifiers
     transfer: TransferSources | None = None  # the source models of transfer attacks
+    device: torch.device = torch.device("cpu")  # what this process computes on
 
     def sources(self, entry: DefenseEntry) -> dict[str | None, TrainSource | None]:
         """The datasets ``entry`` is trained on: its own (``None``), and others for transferred purifiers."""
@@ -539,6 +585,21 @@ def variant_splits(request: RunRequest, test: Split) -> dict[str, Split]:
     return {variant: apply_variant(test, variant, request.variant_seed) for variant in request.variants}
 
 
+def _make_grid(request: RunRequest, registry: Registry[DefenseEntry], protocols: list[Protocol],
+               threats: list[ThreatModel], device: torch.device, here: torch.device | None = None) -> _Grid:
+    """What every entry of ``request`` shares: the test split and its variants, the artifact cache, the
+    base classifiers and the transfer sources (each loaded or built on first need). ``device`` is what
+    the cells compute on, ``here`` what this process runs transfer sources on (default ``device``)."""
+    test = load_split(request.dataset, "test", request.data_root)
+    artifacts = ArtifactCache(request.artifact_root, allow_train=request.allow_train)
+    classifiers = _Classifiers(request, artifacts)
+    transfer = TransferSources(registry, test.info, artifacts, lambda: classifiers.get(request.classifier, test.info),
+                               preset=request.preset, options=request.options, data_root=request.data_root,
+                               progress=request.progress, seed=request.train_seed, device=here or device)
+    return _Grid(request, registry, protocols, threats, test, variant_splits(request, test), artifacts, classifiers,
+                 transfer, device)
+
+
 def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntry] | None = None
              ) -> list[CellOutcome]:
     """Evaluate every cell of ``request`` that is not stored yet; return one outcome per cell. A cell that
@@ -548,19 +609,16 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntr
     entries = _entries(request, registry)
     protocols, threats = _validate(request, entries, registry)
     timeout = claim_timeout()
-    test = load_split(request.dataset, "test", request.data_root)
-    artifacts = ArtifactCache(request.artifact_root, allow_train=request.allow_train)
-    splits = variant_splits(request, test)
-    classifiers = _Classifiers(request, artifacts)
-    transfer = TransferSources(registry, test.info, artifacts, lambda: classifiers.get(request.classifier, test.info),
-                               preset=request.preset, options=request.options, data_root=request.data_root,
-                               progress=request.progress, seed=request.train_seed)
-    grid = _Grid(request, registry, protocols, threats, test, splits, artifacts, classifiers, transfer)
+    executor = make_executor(request.executor, address=request.address,
+                             registry=None if registry is defense_registry() else registry)
     slots: list[_Slot] = []
-    with Session(engine, expire_on_commit=False) as session, Claims(engine, timeout) as claims, \
+    with executor, Session(engine, expire_on_commit=False) as session, Claims(engine, timeout) as claims, \
             Signals() as signals:
-        run = retry_locked(session, lambda: new_run(session, shlex.join(sys.argv), code_provenance()))
-        worker = _Worker(session, run, claims, signals)
+        device = executor.device(request.device)
+        grid = _make_grid(request, registry, protocols, threats, device, executor.driver_device(device))
+        provenance = {**code_provenance(), "device": executor.describe_device(request.device)[:64]}
+        run = retry_locked(session, lambda: new_run(session, shlex.join(sys.argv), provenance))
+        worker = _Worker(session, run, claims, signals, executor)
         try:
             for entry in entries:
                 _attempt_entry(worker, grid, entry, slots)
@@ -575,6 +633,42 @@ def run_grid(request: RunRequest, engine: Engine, registry: Registry[DefenseEntr
         outcomes = [slot.outcome for slot in slots if slot.outcome is not None]
         _finish(worker, "failed" if any(o.status == "failed" for o in outcomes) else "done")
     return outcomes
+
+
+#: a worker's rebuilt grids and entries, by what they were rebuilt from (the latest few)
+_REBUILT: dict[tuple[Any, ...], Any] = {}
+_REBUILT_KEEP = 8
+
+
+def _remember(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    if key not in _REBUILT:
+        while len(_REBUILT) >= _REBUILT_KEEP:
+            del _REBUILT[next(iter(_REBUILT))]
+        _REBUILT[key] = make()
+    return _REBUILT[key]
+
+
+def rebuild_cell_work(spec: Mapping[str, Any], registry: Registry[DefenseEntry] | None,
+                      device: torch.device) -> CellWork:
+    """Worker side: the cell ``spec["key"]`` of entry ``spec["entry"]`` in the grid of ``spec["request"]``
+    (a :func:`worker_request`), rebuilt through ``registry`` (default: the installed one) and the artifact
+    cache, which holds everything it needs (the driver trained it; nothing is trained here). The grid and
+    the entry's network and defenses are kept for the worker's next shards of the same run
+    (``spec["run"]``)."""
+    request: RunRequest = spec["request"]
+    registry = registry or defense_registry()
+    names = tuple(d if isinstance(d, str) else d.name for d in request.defenses)
+    grid_key = (spec.get("run"), repr(replace(request, defenses=names)), tuple(registry.names()), str(device))
+    protocols = [get_protocol(name) for name in request.protocols]
+    threats = [ThreatModel(request.threat, Epsilon.parse(e)) for e in request.eps]
+    grid = _remember(grid_key, lambda: _make_grid(request, registry, protocols, threats, device))
+    entry = next(e for e in _entries(request, registry) if e.name == spec["entry"])
+    cells: _EntryCells = _remember(grid_key + (entry.name,), lambda: _EntryCells(None, grid, entry))
+    item = next((i for i in cells.planned if i.key == spec["key"]), None)
+    if item is None:
+        raise RuntimeError(f"cell {spec['key']} is not in the grid this worker rebuilt: its harness, data or "
+                           f"artifacts differ from the driver's")
+    return cell_work(item, cells.defense(item), device, Precision(request.channels_last, request.autocast))
 
 
 def _finish(worker: _Worker, status: str) -> None:
@@ -652,7 +746,7 @@ class _EntryCells:
     """One entry's planned cells and what computing them needs: its network, and its defenses, built on
     first need (a build that raises fails each cell of that defense)."""
 
-    def __init__(self, worker: _Worker, grid: _Grid, entry: DefenseEntry):
+    def __init__(self, worker: _Worker | None, grid: _Grid, entry: DefenseEntry):
         r = grid.request
         self.worker, self.grid, self.entry = worker, grid, entry
         own: OwnNetwork | None = None
@@ -668,7 +762,7 @@ class _EntryCells:
         self.own = own
         sources = grid.sources(entry) if entry.kind is Kind.PURIFIER else {None: None}
         self.planned = plan_cells(r, entry, grid.protocols, grid.threats, self.network.id, grid.splits, sources,
-                                  grid.transfer.bind if grid.transfer else None)
+                                  grid.transfer.bind if grid.transfer else None, grid.device.type)
         self.metadata = _entry_metadata(entry, grid.registry)
         self.defenses: dict[str | None, Defense | Exception] = {None: own.defense} if own and own.defense else {}
 
@@ -710,7 +804,7 @@ class _EntryCells:
             return self._outcome(item, self._fail(item, exc), "failed")
 
     def _compute(self, item: _PlannedCell, force: bool) -> Cell:
-        defense = self._defense(item)
+        defense = self.defense(item)
         self._note_training()
         session = self.worker.session
 
@@ -720,7 +814,7 @@ class _EntryCells:
             return cell
 
         cell = retry_locked(session, open_cell)
-        _execute(self.worker, cell, item, defense, self.grid.request)
+        _execute(self.worker, cell, item, defense, self.grid)
         return cell
 
     def _note_training(self) -> None:
@@ -731,7 +825,7 @@ class _EntryCells:
             if record is not None:
                 self.network = _Network(self.network.id, {**self.network.provenance, "training": record})
 
-    def _defense(self, item: _PlannedCell) -> Defense:
+    def defense(self, item: _PlannedCell) -> Defense:
         """The defense of ``item``'s training source, built once; raises what its build raised."""
         source = item.source.info.name if item.source else None
         if source not in self.defenses:

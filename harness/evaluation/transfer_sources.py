@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
+
 from harness.attacks.base import Attack, Target
 from harness.attacks.transfer import SourcedAttack, SourceModel
 from harness.classifiers.sources import LoadedClassifier
@@ -74,8 +76,9 @@ class TransferSources:
 
     def __init__(self, registry: Registry[DefenseEntry], info: DatasetInfo, artifacts: ArtifactCache,
                  base: Callable[[], LoadedClassifier], *, preset: str | None, options: Mapping[str, Any],
-                 data_root: str | None, progress: bool, seed: int):
+                 data_root: str | None, progress: bool, seed: int, device: torch.device | str = "cpu"):
         self.registry, self.info, self.artifacts, self.base = registry, info, artifacts, base
+        self.device = torch.device(device)  # where the source models run
         self.preset, self.options = preset, dict(options)
         self.build_args = dict(data_root=data_root, progress=progress, seed=seed)
         self._models: dict[str, SourceModel] = {}
@@ -110,11 +113,12 @@ class TransferSources:
         identity = {"entry": entry.name, "version": entry.version, "preset": preset, "options": options,
                     "network": network}
         cache: list[Defense | Exception] = []
+        device = self.device
 
         def target(seed: int) -> Target:
             if not cache:
                 try:
-                    cache.append(CheckedDefense(build(), self.info.num_classes))
+                    cache.append(CheckedDefense(build(), self.info.num_classes).to(device))
                 except UsageError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - fails each cell that needs this source

@@ -48,7 +48,7 @@ from harness.core.paths import data_root
 from harness.core.registry import Registry
 from harness.data import load_split
 from harness.data.disk import read_meta
-from harness.evaluation.runner import KEY_FIELDS, RunRequest, evaluation_subset, run_grid
+from harness.evaluation.runner import KEY_FIELDS, OPTIONAL_KEY_FIELDS, RunRequest, evaluation_subset, run_grid
 from harness.results.database import open_db, resolve_url
 from harness.results.queries import add_samples, find_cell
 from harness.results.schema import Cell, SampleResult
@@ -195,11 +195,15 @@ def stored_cells(engine: Engine, keys: Iterable[str]) -> list[StoredCell]:
     return out
 
 
-def done_keys(engine: Engine) -> list[str]:
-    """The keys of every finished cell, sorted (what :func:`verify_store` chooses from)."""
+def done_keys(engine: Engine, defenses: Sequence[str] = ()) -> list[str]:
+    """The keys of every finished cell (of ``defenses``, when given), sorted (what :func:`verify_store`
+    chooses from)."""
+    query = select(Cell.key).where(Cell.status == "done")
+    if defenses:
+        query = query.where(Cell.defense.in_(list(defenses)))
     try:
         with Session(engine) as session:
-            return sorted(session.scalars(select(Cell.key).where(Cell.status == "done")))
+            return sorted(session.scalars(query))
     except DBAPIError as exc:
         raise UsageError(f"cannot read the results database: {str(exc.orig).splitlines()[0]}") from None
 
@@ -263,6 +267,7 @@ def request_for(config: Mapping[str, Any], *, batch_size: int = 128, allow_train
     try:
         defense, dataset, threat = config["defense"], config["dataset"], config["threat"]
         classifier = _classifier_spec(config)
+        precision = config.get("precision") or {}
         return RunRequest(
             defenses=(defense["name"],), dataset=dataset["name"], classifier=classifier, threat=threat["norm"],
             eps=(threat["eps_text"],), attacks=(attack_spec(config["attack"]),), protocols=(config["protocol"],),
@@ -272,6 +277,7 @@ def request_for(config: Mapping[str, Any], *, batch_size: int = 128, allow_train
             train_classifier=_train_classifier(defense.get("train_classifier"), config, classifier),
             options=dict(defense.get("options") or {}), batch_size=batch_size, allow_train=allow_train,
             train_seed=int(defense.get("train_seed", 0)), data_root=data_root, artifact_root=artifact_root,
+            channels_last=bool(precision.get("channels_last", False)), autocast=precision.get("autocast"),
             progress=False)
     except (KeyError, TypeError) as exc:
         raise UsageError(f"its stored config lacks {exc} (stored by an older harness?)") from None
@@ -321,7 +327,7 @@ def _weights(stored: Mapping[str, Any], recomputed: Mapping[str, Any]) -> tuple[
 
 
 def _key_difference(stored: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> str:
-    fields = [name for name in KEY_FIELDS if stored.get(name) != rebuilt.get(name)]
+    fields = [name for name in KEY_FIELDS + OPTIONAL_KEY_FIELDS if stored.get(name) != rebuilt.get(name)]
     return ", ".join(fields) or "nothing visible"
 
 
@@ -397,15 +403,16 @@ def _compare(check: CellCheck, stored: StoredCell, rows: Mapping[int, Mapping[st
 def verify_store(db: str | None = None, *, cells: int = 2, samples: int | None = None, seed: int = 0,
                  keys: Sequence[str] = (), registry: Registry[DefenseEntry] | None = None, batch_size: int = 128,
                  allow_train: bool = True, data_root: str | None = None,
-                 artifact_root: str | None = None) -> list[CellCheck]:
-    """Verify ``cells`` finished cells of the store ``db`` chosen at random with ``seed`` (or the cells
-    ``keys``), each whole or ``samples`` of its samples; the store is only read."""
+                 artifact_root: str | None = None, defenses: Sequence[str] = ()) -> list[CellCheck]:
+    """Verify ``cells`` finished cells of the store ``db`` chosen at random with ``seed`` among those of
+    ``defenses`` (default: all), or the cells ``keys``, each whole or ``samples`` of its samples; the store
+    is only read."""
     for option, value in (("--cells", cells), ("--samples", samples), ("--batch-size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
     engine = read_only_engine(db)
     try:
-        done = done_keys(engine)
+        done = done_keys(engine, defenses)
         if keys:
             missing = [k for k in keys if k not in done]
             if missing:
@@ -413,6 +420,11 @@ def verify_store(db: str | None = None, *, cells: int = 2, samples: int | None =
                                  f"`harness show` ({len(done)} finished cells)")
             chosen = list(dict.fromkeys(keys))
         else:
+            if not done and defenses:
+                with Session(engine) as session:
+                    stored = sorted(session.scalars(select(Cell.defense).where(Cell.status == "done").distinct()))
+                raise UsageError(f"the results database holds no finished cell of {', '.join(defenses)}; valid: "
+                                 f"{', '.join(stored) or 'none (it has no finished cell)'}")
             if not done:
                 raise UsageError("the results database holds no finished cell to verify; run `harness run` first")
             chosen = sorted(random.Random(seed).sample(done, min(cells, len(done))))

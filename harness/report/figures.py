@@ -17,6 +17,6 @@ def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
     """Lay out ``fig``, write it to ``path`` (parents created) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})  # no version stamp: the same data, the same bytes
     plt.close(fig)
     return path

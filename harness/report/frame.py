@@ -7,6 +7,7 @@ vocabulary of the renderers: data-source labels, safe file stems, which defenses
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -22,7 +23,8 @@ from harness.results.queries import cells_with_runs
 from harness.results.schema import Cell, Run
 
 __all__ = ["CELL_COLUMNS", "SEED_GROUP_KEYS", "NON_KEY_CONFIG", "data_label", "safe_stem", "cells_frame",
-           "done_cells", "baseline_defenses", "aggregate_seeds", "match_reported", "canonical_json"]
+           "done_cells", "results_time", "results_stamp", "baseline_defenses", "aggregate_seeds", "match_reported",
+           "canonical_json"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,22 @@ SEED_GROUP_KEYS: tuple[str, ...] = (
 #: Config keys that describe a cell rather than define it (left out of ``setting``).
 NON_KEY_CONFIG = ("seed", "entry", "protocol_tier", "protocol_note", "classifier_provenance", "data_source",
                   "defense_provenance")
+
+
+def results_time(cells: pd.DataFrame) -> dt.datetime | None:
+    """When the store's results last changed: the latest ``finished_at`` of its cells (UTC), or None for
+    a store with no finished cell. Reports show this instead of the wall clock, so the same store always
+    renders the same bytes (the committed leaderboard is checked against a fresh render)."""
+    if cells.empty or "finished_at" not in cells:
+        return None
+    stamps = pd.to_datetime(cells["finished_at"], utc=True).dropna()
+    return None if stamps.empty else stamps.max().to_pydatetime()
+
+
+def results_stamp(cells: pd.DataFrame, when: dt.datetime | None = None) -> str:
+    """``when`` (default :func:`results_time`) as the reports print it: ``YYYY-MM-DD HH:MM:SS UTC``."""
+    when = when or results_time(cells)
+    return "no results yet" if when is None else when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def data_label(source: str) -> str:

@@ -10,7 +10,8 @@ The page works offline and from ``file://``: its one script is inlined, made of 
 npm package ``tablesort`` (``templates/tablesort*.js``, MIT, see ``templates/tablesort.LICENCE``) for
 sortable columns and a few lines of harness's own for the search box and the
 protocol-tier tabs. Robust accuracy against eps is drawn as inline SVG computed here, in Python.
-Everything is sorted, so the same store renders the same bytes (but for the generated-at line).
+Everything is sorted, and the page is stamped with the store's own time (its last finished cell), so the
+same store renders the same bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from markupsafe import Markup
 import harness
 from harness.core.errors import UsageError
 from harness.evaluation.planning import attack_passes
-from harness.report.frame import safe_stem
+from harness.report.frame import results_stamp, safe_stem
 from harness.report.protocols import known_protocols, protocol_info, protocol_rank
 from harness.report.tables import FLAG_TEXT, LeaderTable, Num, Row
 
@@ -553,7 +554,6 @@ def render_html(tables: Sequence[LeaderTable], cells: pd.DataFrame, *,
     ``worst_of_n`` maps ``adaptive-eot`` cell keys to their worst-of-N accuracy
     (:func:`harness.analysis.gains.worst_of_n_accuracy`).
     """
-    generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     commits = sorted({str(c) for c in cells.get("run_git_commit", pd.Series(dtype=object)).dropna() if c})
     known = known_protocols()
     used = {p for t in tables for p in t.protocols}
@@ -567,7 +567,7 @@ def render_html(tables: Sequence[LeaderTable], cells: pd.DataFrame, *,
     template = environment(templates).get_template("leaderboard.html.j2")
     return template.render(
         title="harness leaderboard", harness_version=harness.__version__,
-        generated_at=generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        generated_at=results_stamp(cells, generated_at),
         tables=views, entries=_entries_view(tables), curves=_curves_view(tables),
         summary=_unfinished_view(cells), legend=legend, commits=[_short(c, 10) for c in commits],
         extra_sections=list(extra_sections), extra_anchors=anchors, fixed_vs_fresh=fixed_vs_fresh,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -23,7 +23,7 @@ from harness.report.frame import canonical_json, data_label, safe_stem
 from harness.report.protocols import protocol_info, protocol_rank
 
 __all__ = ["SAME_FUNCTION", "Num", "Column", "Row", "LeaderTable", "data_label", "safe_stem",
-           "build_tables", "to_markdown", "to_latex", "latex_escape", "markdown_escape", "write_cells_csv"]
+           "build_tables", "markdown_rows", "to_markdown", "to_latex", "latex_escape", "markdown_escape", "write_cells_csv"]
 
 #: Marks the protocol of a row whose one cell also answers other protocols (an entry without a
 #: purifier attacks the same function under each); the table's notes explain it.
@@ -257,6 +257,14 @@ def _display_frame(table: LeaderTable, escape: Callable[[Any], str], pm: str,
 
 def _legend_lines(table: LeaderTable) -> list[tuple[str, str, str]]:
     return [(p, *protocol_info(p)) for p in table.protocols]
+
+
+def markdown_rows(table: LeaderTable, limit: int, keys: Sequence[str]) -> str:
+    """The pipe table of the first ``limit`` rows, with the columns among ``keys`` that the table has."""
+    columns = [c for c in table.columns if c.key in keys]
+    frame = _display_frame(replace(table, columns=columns, rows=table.rows[:limit]), markdown_escape, " ± ", "–")
+    return frame.to_markdown(index=False, disable_numparse=True,
+                             colalign=tuple("right" if c.numeric else "left" for c in columns))
 
 
 def to_markdown(table: LeaderTable) -> str:

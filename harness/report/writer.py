@@ -33,8 +33,9 @@ from harness.core.errors import UsageError
 from harness.analysis.flags import cell_flags
 from harness.results.queries import done_samples
 from harness.report.cells import write_cell_pages
-from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells
+from harness.report.frame import aggregate_seeds, baseline_defenses, cells_frame, done_cells, results_stamp
 from harness.report.html import ExtraSection, environment, render_html
+from harness.report.readme import check_readme, readme_block, update_readme
 from harness.report.quality import quality_sections
 from harness.report.randomness import randomness_sections
 from harness.report.representations import representation_sections, representations_markdown
@@ -75,7 +76,7 @@ def _remove_stale(directory: Path, ext: str, keep: Iterable[Path]) -> None:
 def _combined_markdown(tables: Sequence[LeaderTable], generated_at: str, version: str,
                        unfinished: int) -> str:
     head = ["# harness leaderboard", "",
-            f"Generated {generated_at} by harness {version}."]
+            f"Results as of {generated_at} (the last finished cell), rendered by harness {version}."]
     if unfinished:
         head.append(f"{unfinished} unfinished cell(s) (running or failed) are not in the tables.")
     if not tables:
@@ -120,7 +121,7 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
                   extra_sections: Sequence[ExtraSection] = (),
                   installed: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                   templates: Path | None = None, generated_at: dt.datetime | None = None,
-                  studies: Sequence[Any] | None = None) -> list[Path]:
+                  studies: Sequence[Any] | None = None, readme: Path | None = None) -> list[Path]:
     """Write the requested report ``formats`` (a subset of :data:`FORMATS`) for the store behind
     ``engine`` into ``out_dir``; returns the paths written, in a stable order.
 
@@ -130,10 +131,13 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
     cells and gives the roles (which defenses are baselines) of cells stored without one;
     ``templates`` is a folder of templates that override the shipped ones. An empty store gives a page
     saying so. Stale ``tables/*.md|.tex`` from an earlier report are removed; ``generated_at``
-    (default: now) is shown as UTC. With ``html``, every finished cell also gets a detail page and a
+    (default: the store's :func:`~harness.report.frame.results_time`, so the same store renders the same
+    bytes) is shown as UTC. With ``html``, every finished cell also gets a detail page and a
     per-sample CSV under ``cells/`` (:func:`harness.report.cells.write_cell_pages`; stale ones removed),
     which the returned list leaves out. ``studies`` (default: the study files,
-    :func:`harness.analysis.studies.load_studies`) feed the study index.
+    :func:`harness.analysis.studies.load_studies`) feed the study index. ``readme``: a Markdown file whose
+    leaderboard block (:mod:`harness.report.readme`) is rewritten with the main table's top rows and a
+    link to ``index.html``.
     """
     if isinstance(formats, str):  # "md,html" from a command line
         formats = [f.strip() for f in formats.split(",") if f.strip()]
@@ -142,11 +146,12 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
         raise UsageError(f"unknown report format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
     if "html" in formats:
         environment(templates)  # a bad templates folder fails before anything is written
+    if readme is not None:
+        check_readme(readme)  # a README without the block fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generated_at = (generated_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
-    stamp = generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     cells = cells_frame(engine)
+    stamp = results_stamp(cells, generated_at)
     samples = done_samples(engine)
     done = with_best_known(done_cells(cells), samples)
     current_reported = {k: v.get("reported", []) for k, v in (installed or {}).items()}
@@ -185,6 +190,9 @@ def write_reports(engine: Engine, out_dir: Path, formats: Sequence[str] | str = 
         page = render_html(tables, cells, extra_sections=extra_sections, generated_at=generated_at,
                            templates=templates, cell_pages=pages, worst_of_n=worst_of_n_accuracy(engine))
         written.append(_write_text(out_dir / "index.html", page))
+    if readme is not None:
+        link = Path(os.path.relpath(out_dir / "index.html", Path(readme).parent)).as_posix()
+        written.append(update_readme(readme, readme_block(tables, stamp, link)))
     for path in written:
         log.debug("wrote %s", path)
     return written

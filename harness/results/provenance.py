@@ -25,9 +25,23 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def _published(path: str) -> bool:
+    """Whether a path of the checkout is the published leaderboard's data (results.db, and what
+    ``harness report`` renders into leaderboards/), which a study run changes without changing the code;
+    the study files in leaderboards/studies/ are inputs, so they count."""
+    return path == "results.db" or (path.startswith("leaderboards/") and not path.startswith("leaderboards/studies/"))
+
+
+def code_dirty(changed: str) -> bool:
+    """Whether ``git diff --name-only HEAD`` (the tracked files changed since the commit, one path from the
+    top of the checkout per line) names a file other than the published data."""
+    return any(not _published(path.strip('"')) for path in changed.splitlines() if path.strip())
+
+
 @lru_cache(maxsize=1)
 def code_provenance() -> dict[str, object]:
-    """Git commit and dirtiness of the checkout, harness and package versions, device, host."""
+    """Git commit and dirtiness of the checkout's code (:func:`code_dirty`), harness and package versions,
+    device, host."""
     packages = {}
     for name in TRACKED_PACKAGES:
         try:
@@ -36,7 +50,7 @@ def code_provenance() -> dict[str, object]:
             continue
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": code_dirty(_git("diff", "--name-only", "HEAD")),
         "harness_version": __version__,
         "packages": packages,
         "device": f"cpu ({torch.get_num_threads()} threads)",
