@@ -179,18 +179,14 @@ def schema2_data(harness_home, tmp_path, one_thread) -> Path:
 
 
 def test_upgraded_store_is_resumed_without_recomputing(old_store, schema2_data):
-    """Every cell resumes but the ``colored`` one: its images, which key it, were computed in float32 and
-    came out other ones on other CPUs; the colour transfer is float64 now (see tests/test_keys_fixture.py)."""
+    """Every cell of the upgraded store, the ``colored`` one included, is found done: nothing is recomputed."""
     engine = open_db(old_store)
     for spec, keys in zip(SCHEMA2["requests"], SCHEMA2["keys"]):
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
         outcomes = run_grid(RunRequest(classifier=str(schema2_data), batch_size=5, progress=False, **fields), engine)
-        recolored = spec.get("variants") == ["colored"]
-        assert [o.status for o in outcomes] == ["done" if recolored else "skipped"] * len(keys)
-        assert recolored or [o.key for o in outcomes] == keys
-    samples = _samples(engine)
-    assert {k: v for k, v in samples.items() if k in SCHEMA2["samples"]} == SCHEMA2["samples"]
-    assert len(samples) == len(SCHEMA2["samples"]) + 1  # the recomputed colored cell
+        assert [o.status for o in outcomes] == ["skipped"] * len(keys)
+        assert [o.key for o in outcomes] == keys
+    assert _samples(engine) == SCHEMA2["samples"]
     engine.dispose()
 
 
