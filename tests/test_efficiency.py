@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from torch.autograd import grad as imported_grad
 
 from harness.classifiers.architectures import build_classifier
 from harness.classifiers.sources import save_classifier
 from harness.core.entry import Defense, DefenseEntry, Kind, Purifier, registry_of
-from harness.core.passes import gradient_free
+from harness.core.passes import counting_gradients, gradient_free
 from harness.evaluation import batching
 from harness.evaluation.runner import RunRequest, run_grid
 from harness.results import Cell, SampleResult, open_db
@@ -28,13 +29,30 @@ class _Plain(torch.nn.Module):
 
 
 class _Dynamic(torch.nn.Module):
-    """Test-time optimisation: one gradient step inside the forward pass."""
+    """Test-time optimisation: one gradient step inside the forward pass, taken by ``take_gradient``."""
+
+    def __init__(self, take_gradient):
+        super().__init__()
+        self.take_gradient = take_gradient
 
     def forward(self, x):
         with torch.enable_grad():
             v = x.detach().requires_grad_(True)
-            grad, = torch.autograd.grad((v - 0.5).pow(2).sum(), v)
+            grad = self.take_gradient((v - 0.5).pow(2).sum(), v)
         return x - 0.1 * grad
+
+
+def _by_attribute(loss, v):
+    return torch.autograd.grad(loss, v)[0]
+
+
+def _by_imported_name(loss, v):
+    return imported_grad(loss, v)[0]
+
+
+def _by_backward(loss, v):
+    loss.backward()
+    return v.grad
 
 
 def test_gradient_free_uses_inference_mode_once_a_module_is_known_to_take_no_gradients():
@@ -46,13 +64,22 @@ def test_gradient_free_uses_inference_mode_once_a_module_is_known_to_take_no_gra
     assert not first.is_inference() and second.is_inference() and torch.equal(first, second)
 
 
-def test_gradient_free_keeps_no_grad_for_a_model_that_takes_gradients_in_its_forward():
-    dynamic, x = _Dynamic(), torch.rand(2, 3)
+@pytest.mark.parametrize("take_gradient", [_by_attribute, _by_imported_name, _by_backward])
+def test_gradient_free_keeps_no_grad_for_a_model_that_takes_gradients_in_its_forward(take_gradient):
+    dynamic, x = _Dynamic(take_gradient), torch.rand(2, 3)
     outputs = []
     for _ in range(3):
         with gradient_free(dynamic):
             outputs.append(dynamic(x))
     assert not any(o.is_inference() for o in outputs) and all(torch.equal(o, outputs[0]) for o in outputs)
+
+
+def test_counting_gradients_counts_each_backward_pass_and_restores_the_engine():
+    engine = torch.autograd._engine_run_backward
+    with counting_gradients() as calls:
+        for take_gradient in (_by_attribute, _by_imported_name, _by_backward):
+            _Dynamic(take_gradient)(torch.rand(2, 3))
+    assert calls == [3] and torch.autograd._engine_run_backward is engine
 
 
 # -- shared clean work ----------------------------------------------------------------------------------

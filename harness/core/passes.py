@@ -27,22 +27,22 @@ _inference_safe: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDiction
 
 @contextlib.contextmanager
 def counting_gradients() -> Iterator[list[int]]:
-    """Count calls of ``torch.autograd.grad`` and ``torch.autograd.backward`` inside the block (in this
-    process; harness evaluates in one thread)."""
+    """Count the backward passes run inside the block (in this process; harness evaluates in one thread).
+
+    Counted at ``torch.autograd._engine_run_backward``, where ``torch.autograd.grad``, ``torch.autograd.backward``
+    and ``Tensor.backward`` all end: a plugin that imported ``grad`` by name is counted too."""
     calls = [0]
-    grad, backward = torch.autograd.grad, torch.autograd.backward
+    engine = torch.autograd._engine_run_backward
 
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            calls[0] += 1
-            return fn(*args, **kwargs)
-        return wrapper
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return engine(*args, **kwargs)
 
-    torch.autograd.grad, torch.autograd.backward = counted(grad), counted(backward)
+    torch.autograd._engine_run_backward = counted
     try:
         yield calls
     finally:
-        torch.autograd.grad, torch.autograd.backward = grad, backward
+        torch.autograd._engine_run_backward = engine
 
 
 @contextlib.contextmanager
