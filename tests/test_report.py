@@ -235,6 +235,19 @@ def test_match_reported_by_tier_only():
     assert all(match_reported(untiered, protocol=p, **kw) is None for p in ("non-adaptive", "adaptive-eot"))
 
 
+def test_match_reported_only_beside_cells_of_its_variant_and_never_a_transferred_purifier():
+    clean = {"dataset": "cifar10", "threat": "linf", "eps": "8/255", "attack": "AA", "robust": 88.7,
+             "tier": "non-adaptive"}  # stored before variants were named: a clean-set number
+    colored = {**clean, "robust": 60.1, "variant": "colored"}
+    kw = dict(dataset="cifar10", threat="linf", eps=8 / 255, eps_text="8/255", protocol="non-adaptive")
+    assert match_reported([clean, colored], **kw)["robust"] == 88.7
+    assert match_reported([clean, colored], variant="colored", **kw)["robust"] == 60.1
+    assert match_reported([clean], variant="corrupt:contrast:5", **kw) is None
+    transferred = {"defense": {"name": "maep", "train_dataset": "cifar10"}}
+    assert match_reported([clean], config=transferred, **kw) is None
+    assert match_reported([clean], config={"defense": {"name": "maep"}}, **kw)["robust"] == 88.7
+
+
 def test_empty_db(tmp_path):
     engine = open_db(f"sqlite:///{tmp_path}/empty.db")
     paths = write_reports(engine, tmp_path / "out")

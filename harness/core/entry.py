@@ -114,8 +114,9 @@ class Reported:
     """A number a paper reports for an entry, shown only in columns labelled "reported".
 
     ``clean`` and ``robust`` are in ``unit`` (percent); ``tier`` names the protocol they were measured
-    under (``non-adaptive``, ``adaptive``, ``bpda`` or ``adaptive-eot``), so a report places them beside
-    cells of that protocol only.
+    under (``non-adaptive``, ``adaptive``, ``bpda`` or ``adaptive-eot``) and ``variant`` the test set
+    (``clean``, or a variant such as ``colored``), so a report places them beside cells of that protocol
+    and variant only.
     """
 
     dataset: str
@@ -127,6 +128,7 @@ class Reported:
     source: str  # citation and table
     classifier: str = ""
     tier: str = field(default="", kw_only=True)
+    variant: str = field(default="clean", kw_only=True)
     unit: str = field(default="percent", kw_only=True)
 
     def __post_init__(self) -> None:

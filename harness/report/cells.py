@@ -129,7 +129,8 @@ def _cell_view(rec: Mapping[str, Any], csv_name: str, csv_rows: int,
     stored = reported.get((str(rec["defense"]), str(rec["defense_version"])), entry.get("reported"))
     match = match_reported(stored, dataset=str(rec["dataset"]), threat=str(rec["threat"]), eps=float(rec["eps"]),
                            eps_text=str(rec["eps_text"]), protocol=str(rec["protocol"]),
-                           classifier=str(rec["classifier"]), attack_label=str(rec["attack_label"]))
+                           classifier=str(rec["classifier"]), attack_label=str(rec["attack_label"]),
+                           variant=str(rec["variant"]), config=config)
     results = [("clean accuracy", _pct(rec.get("clean_acc"))), ("robust accuracy (this attack)", _pct(rec.get("robust_acc"))),
                ("best-known robust accuracy", _pct(rec.get("best_known_acc"))),
                ("best-known over", ", ".join(rec.get("best_known_attacks") or [])),

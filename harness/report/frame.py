@@ -203,17 +203,24 @@ def _norm(text: Any) -> str:
 
 
 def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_text: str, protocol: str,
-                   classifier: str = "", attack_label: str = "") -> dict[str, Any] | None:
-    """The entry's reported number for this dataset/threat/eps and protocol, or ``None``.
+                   classifier: str = "", attack_label: str = "", variant: str = "clean",
+                   config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The entry's reported number for this cell's dataset/threat/eps, protocol and variant, or ``None``.
 
     A reported number (:meth:`harness.core.entry.Reported.describe`) matches only cells of the
-    protocol it names as its ``tier``; one without a tier (stored by harness 0.1) matches none.
+    protocol it names as its ``tier``; one without a tier (stored by harness 0.1) matches none. It
+    matches only cells of its ``variant`` (numbers stored before variants were named are ``clean``
+    ones), and never a purifier trained on another dataset (``config``'s ``defense.train_dataset``):
+    papers report in-domain numbers.
 
     Reported eps is text (``"8/255"``); it matches the cell's text or, within 0.5 %, its value (papers
     round ``8/255`` to ``0.031``-ish decimals). Among several matches, one whose classifier and then
     attack resemble the cell's wins; ties go to the first listed.
     """
     if not isinstance(reported, (list, tuple)):
+        return None
+    defense_config = (config or {}).get("defense")
+    if isinstance(defense_config, Mapping) and defense_config.get("train_dataset"):
         return None
     best, best_score = None, -1
     for item in reported:
@@ -225,7 +232,7 @@ def match_reported(reported: Any, *, dataset: str, threat: str, eps: float, eps_
         if str(item.get("eps", "")).strip() != eps_text and (
                 value is None or not math.isclose(value, eps, rel_tol=5e-3)):
             continue
-        if item.get("tier") != protocol:
+        if item.get("tier") != protocol or item.get("variant", "clean") != variant:
             continue
         score = 2 * (bool(item.get("classifier")) and _norm(item.get("classifier")) == _norm(classifier))
         score += _norm(item.get("attack")) == _norm(attack_label)
@@ -280,12 +287,9 @@ def aggregate_seeds(done: pd.DataFrame,
         row["own_network"] = isinstance(provenance, dict) and provenance.get("source") == "entry"
         reported = (current_reported or {}).get((row["defense"], row["defense_version"]),
                                                 row["entry"].get("reported"))
-        defense_config = config.get("defense")
-        if isinstance(defense_config, dict) and defense_config.get("train_dataset"):
-            reported = None  # papers report in-domain numbers; a transferred purifier has none to show
         row["reported"] = match_reported(
             reported, dataset=row["dataset"], threat=row["threat"],
             eps=float(row["eps"]), eps_text=row["eps_text"], classifier=row["classifier"],
-            attack_label=row["attack_label"], protocol=row["protocol"])
+            attack_label=row["attack_label"], protocol=row["protocol"], variant=row["variant"], config=config)
         out.append(row)
     return pd.DataFrame(out, columns=columns)
