@@ -39,8 +39,8 @@ def test_the_same_store_renders_the_same_bytes(store, tmp_path):
     first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert first == second and "index.html" in first and any(k.startswith("cells/") for k in first)
     page = first["index.html"].decode()
-    assert "Results as of 2026-12-02 06:55:27 UTC" in page  # the last finished cell, not the clock
-    assert "Results as of 2026-12-02 06:55:27 UTC" in first["leaderboard.md"].decode()
+    assert "Results as of 2026-12-02 16:17:05 UTC" in page  # the last finished cell, not the clock
+    assert "Results as of 2026-12-02 16:17:05 UTC" in first["leaderboard.md"].decode()
 
 
 def test_readme_block_holds_the_main_tables_top_rows(store, tmp_path):
@@ -52,7 +52,7 @@ def test_readme_block_holds_the_main_tables_top_rows(store, tmp_path):
     assert "stale text" not in text
     block = text[text.index(START):text.index(END)]
     assert "**[Leaderboard](leaderboards/index.html)**" in block
-    assert "cifar10 · ℓ∞ · ε = 4/255" in block and "results as of 2026-12-02 06:55:27 UTC" in block
+    assert "cifar10 · ℓ∞ · ε = 4/255" in block and "results as of 2026-12-02 16:17:05 UTC" in block
     assert "| Defense" in block and "| none" in block and "Robust" in block
     again = tmp_path / "again.md"
     again.write_text(README)

@@ -286,3 +286,29 @@ def test_the_report_compares_the_robust_entries_over_training_seeds(tiny_cifar, 
             assert cells[6] == "2" and "±" in cells[7] and cells[11] == "0"  # 2 seeds, clean mean ± std
             assert cells[12] == "3" and cells[13] == "6"  # the tiny preset: 3 epochs of 80 // 32 = 2 steps
     assert "Robust training" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_the_robust_training_table_joins_representations_by_dataset_and_shows_no_preset_as_a_dash():
+    """The undefended classifier on two datasets, one Representations row (CIFAR-10's): its effective rank
+    and SAE loss go to the CIFAR-10 row only, and the baseline's missing preset reads "–"."""
+    import pandas as pd
+
+    from harness.report.robust_training import AUTOATTACK_LABEL, robust_training_table
+
+    def cell(defense, dataset, seed=None, robust=0.2):
+        provenance = ({"artifact_key": "k", "recipe": {"seed": seed, "preset": "small"},
+                       "training": {"objective": "pgd-at", "steps": 975, "epochs": 5, "seconds": 180.0}}
+                      if seed is not None else {"source": "base"})
+        return {"status": "done", "attack_label": AUTOATTACK_LABEL, "protocol": "adaptive", "variant": "clean",
+                "config": {"classifier_provenance": provenance}, "defense": defense, "dataset": dataset,
+                "threat": "linf", "eps_text": "8/255", "n": 512, "classifier": f"{defense}-net",
+                "clean_acc": 0.5, "robust_acc": robust}
+
+    cells = pd.DataFrame([cell("pgd-at", "cifar10", seed=0), cell("none", "cifar10", robust=0.0),
+                          cell("none", "fashion-mnist", robust=0.05)])
+    rows = [({"defense": "none", "dataset": "cifar10", "train_seed": 0}, {"effective_rank": 84.4, "sae_loss": 0.089})]
+    table = robust_training_table(cells, rows).set_index(["dataset", "entry"])
+    assert table.loc[("cifar10", "none"), "effective rank"] == "84.4"
+    assert table.loc[("fashion-mnist", "none"), "effective rank"] == "–"
+    assert table.loc[("fashion-mnist", "none"), "SAE loss"] == "–"
+    assert table.loc[("cifar10", "none"), "preset"] == "–" and table.loc[("cifar10", "pgd-at"), "preset"] == "small"

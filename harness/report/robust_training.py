@@ -45,6 +45,11 @@ def _pm(values: Sequence[Any], scale: float = 1.0, digits: int = 2) -> str:
     return f"{series.mean():.{digits}f} ± {series.std(ddof=1):.{digits}f}"
 
 
+def _text_or_dash(value: Any) -> str:
+    """``value`` if it is non-empty text, else "–" (pandas turns a missing preset into NaN)."""
+    return value if isinstance(value, str) and value else "–"
+
+
 def _network(config: Mapping[str, Any]) -> tuple[int | None, dict[str, Any], dict[str, Any]]:
     """(training seed, recipe, training record) of a cell's harness-trained network, or (None, {}, {})."""
     provenance = config.get("classifier_provenance")
@@ -55,9 +60,9 @@ def _network(config: Mapping[str, Any]) -> tuple[int | None, dict[str, Any], dic
     return recipe.get("seed"), recipe, training
 
 
-def _rank_rows(rows: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[tuple[str, Any], Mapping]:
-    """Representation results by (defense, training seed), the newest row winning."""
-    return {(str(c.get("defense")), c.get("train_seed")): r for c, r in rows}
+def _rank_rows(rows: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[tuple[str, str, Any], Mapping]:
+    """Representation results by (defense, dataset, training seed), the newest row winning."""
+    return {(str(c.get("defense")), str(c.get("dataset")), c.get("train_seed")): r for c, r in rows}
 
 
 def robust_training_table(cells: pd.DataFrame,
@@ -80,7 +85,7 @@ def robust_training_table(cells: pd.DataFrame,
         is_baseline = row.defense == "none"
         if seed is None and not is_baseline:
             continue  # a purifier, or a classifier harness did not train: not part of this comparison
-        rep = ranks.get((row.defense, seed if seed is not None else 0)) or {}
+        rep = ranks.get((row.defense, row.dataset, seed if seed is not None else 0)) or {}
         records.append({"dataset": row.dataset, "threat": row.threat, "eps": row.eps_text, "n": row.n,
                         "defense": row.defense, "network": row.classifier, "seed": seed,
                         "clean": row.clean_acc, "robust": row.robust_acc,
@@ -98,7 +103,7 @@ def robust_training_table(cells: pd.DataFrame,
         steps = sorted({int(s) for s in group["steps"].dropna()})
         epochs = sorted({int(e) for e in group["epochs"].dropna()})
         out.append({"dataset": dataset, "threat": f"{threat} {eps}", "n": int(n), "entry": defense,
-                    "preset": first["preset"] or "–", "objective": first["objective"] or "–",
+                    "preset": _text_or_dash(first["preset"]), "objective": _text_or_dash(first["objective"]),
                     "training seeds": len(group), "clean %": _pm(group["clean"], 100),
                     "AutoAttack %": _pm(group["robust"], 100), "effective rank": _pm(group["rank"], digits=1),
                     "SAE loss": _pm(group["sae"], digits=4),
