@@ -106,3 +106,24 @@ def test_analysis_rows_are_keyed_by_kind_and_config(tmp_path):
         assert first.key == again.key != other.key and session.query(Analysis).count() == 2
         [row] = load_analyses(session, "fixed-randomness")
         assert row.result == {"n": 2} and row.run.git_commit == "abc" and row.created_at is not None
+
+
+def test_the_analyses_table_shows_distances_spread_and_compression_per_norm():
+    from harness.report.randomness import analysis_table
+
+    record = {"n": 32, "eps": "8/255",
+              "distances": [{"norm": "linf", "adversarial": 0.03, "purified_adversarial": 0.41,
+                             "purified_clean": 0.40, "farther": True}],
+              "spread": [{"norm": "linf", "across_seeds": 0.45, "across_inputs": 0.02, "ratio": 22.5}],
+              "compression": [{"norm": "linf", "kind": "random", "radius": 4 / 255, "compression": 0.9},
+                              {"norm": "linf", "kind": "random", "radius": 8 / 255, "compression": 0.42},
+                              {"norm": "linf", "kind": "adversarial", "radius": 0.03, "compression": 0.05},
+                              {"norm": "l2", "kind": "random", "radius": 8 / 255, "compression": 0.86}]}
+    meta = {"defense": "diffpure", "preset": "small", "options": {"tstar": 0.2}, "dataset": "cifar10"}
+    table = analysis_table([{"meta": meta, "record": record}]).set_index("norm")
+    assert list(table.index) == ["l2", "linf"]
+    linf = table.loc["linf"]
+    assert (linf["options"], linf["farther"], linf["seeds / inputs"]) == ("tstar=0.2", "yes", 22.5)
+    assert linf["compression (random, eps)"] == 0.42 and linf["compression (adversarial)"] == 0.05
+    l2 = table.loc["l2"]
+    assert l2["farther"] == "–" and l2["compression (random, eps)"] == 0.86 and pd.isna(l2["adversarial"])

@@ -77,4 +77,5 @@ def test_train_ddpm_cli_then_run_every_protocol(tiny_cifar, harness_home, tmp_pa
     table = gain_table(cells, baseline_defenses(cells), worst_of_n=worst_of_n_accuracy(engine))
     assert list(table["defense"]) == ["diffpure"] and table["fresh_worst"].iloc[0] == pytest.approx(1 / 3)
     sections = report_sections(table, [record], tmp_path / "report")
-    assert len(sections) == 2 and (tmp_path / "report" / sections[1].images[0]).is_file()
+    assert len(sections) == 3 and (tmp_path / "report" / sections[1].images[0]).is_file()
+    assert sections[2].title.startswith("Fixed-randomness analyses") and "<table" in str(sections[2].html)

@@ -31,8 +31,9 @@ def test_every_shipped_study_loads_and_validates(harness_home):
     assert transfer.dataset == "fashion-mnist" and transfer.train_datasets == (None, "cifar10")
     [diffpure] = studies["fixed-randomness"].requests()
     assert diffpure.attacks == ({"name": "pgd", "steps": 10, "eot": 4},) and diffpure.n == 64
-    [analysis] = studies["fixed-randomness"].analyses
-    assert analysis.requests[0].options == {"tstar": 0.2} and analysis.requests[0].attack["steps"] == 10
+    at_cells, stronger = studies["fixed-randomness"].analyses  # the cells' own t*, then t* = 0.2
+    assert at_cells.requests[0].options == {} and stronger.requests[0].options == {"tstar": 0.2}
+    assert at_cells.requests[0].attack["steps"] == stronger.requests[0].attack["steps"] == 10
     robust = studies["robust-training"].requests()
     assert [r.train_seed for r in robust] == [0, 1, 0] and robust[2].defenses == ("none",)
     assert {r.protocols for r in robust} == {("adaptive",)} and {r.n for r in robust} == {512}

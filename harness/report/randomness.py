@@ -1,6 +1,7 @@
 """The fixed-randomness study in the report (Liu & Wei, arXiv 2505.22839, findings (c) and (d)): the
 fixed-vs-fresh gain table and the compression-vs-gain scatter, from the numbers of
-:mod:`harness.analysis.gains`."""
+:mod:`harness.analysis.gains`, and the analyses themselves (findings (a)-(c): distances to the clean image,
+spread across seeds vs inputs, compression rates), one row per analysed setting and norm."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from harness.report.figures import plt, save_figure
 from harness.report.frame import safe_stem
 from harness.report.html import ExtraSection, frame_html
 
-__all__ = ["compression_scatter", "report_sections", "randomness_sections"]
+__all__ = ["analysis_table", "compression_scatter", "report_sections", "randomness_sections"]
 
 
 def compression_scatter(points: Sequence[ScatterPoint], path: str | Path,
@@ -48,12 +49,64 @@ def _gain_text(table: pd.DataFrame) -> str:
     return text
 
 
-def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]],
-                    out_dir: str | Path) -> list[ExtraSection]:
-    """The fixed-vs-fresh table (``table`` from :func:`harness.analysis.gains.gain_table`) and, per eps,
-    the compression scatter of the analysis ``records`` (written to ``out_dir/figures``)."""
+ANALYSIS_TEXT = ("harness analyse fixed-randomness, per analysed setting and norm (Liu & Wei, arXiv 2505.22839), "
+                 "with the purifier's noise fixed. Distances (means over the n images): adversarial = |x_adv - x|, "
+                 "purified adv. = |P(x_adv) - x|, purified clean = |P(x) - x|; farther: purified adv. > adversarial, "
+                 "purification moves the images away from the clean ones (finding (a)). Spread: mean pairwise "
+                 "distance between the purifications of one input under different noise seeds, and under one seed "
+                 "between those of inputs in one image's eps-ball (the image and random perturbations of it), and "
+                 "their ratio (finding (b)). Compression: 1 - kappa, kappa = |P(x + d) - P(x)| / |d|, for random d at "
+                 "radius eps and for the adversarial d (finding (c)).")
+
+
+def _by_norm(items: Any, norm: str) -> Mapping[str, Any]:
+    return next((i for i in items or () if isinstance(i, Mapping) and i.get("norm") == norm), {})
+
+
+def analysis_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (analysis record, norm): the distances, the spread and the compression rates (random at
+    the record's eps, and adversarial) of :func:`harness.analysis.gains.load_records`' ``records``."""
+    rows = []
+    for item in records:
+        meta, record = item["meta"], item["record"]
+        radius = Epsilon.parse(str(record.get("eps") or "8/255")).value
+        norms = sorted({str(c.get("norm")) for key in ("distances", "spread", "compression")
+                        for c in record.get(key) or () if isinstance(c, Mapping)})
+        options = ",".join(f"{k}={v}" for k, v in sorted((meta.get("options") or {}).items()))
+        for norm in norms:
+            distance, spread = _by_norm(record.get("distances"), norm), _by_norm(record.get("spread"), norm)
+            compression = [c for c in record.get("compression") or () if c.get("norm") == norm]
+            random = next((c["compression"] for c in compression
+                           if c.get("kind") == "random" and math.isclose(c.get("radius", -1), radius)), None)
+            adversarial = next((c["compression"] for c in compression if c.get("kind") == "adversarial"), None)
+            farther = distance.get("farther")
+            rows.append({"defense": meta.get("defense"), "preset": meta.get("preset"), "options": options,
+                         "dataset": meta.get("dataset"), "n": record.get("n"), "eps": record.get("eps"),
+                         "norm": norm, "adversarial": distance.get("adversarial"),
+                         "purified adv.": distance.get("purified_adversarial"),
+                         "purified clean": distance.get("purified_clean"),
+                         "farther": "–" if farther is None else "yes" if farther else "no",
+                         "spread: seeds": spread.get("across_seeds"), "spread: inputs": spread.get("across_inputs"),
+                         "seeds / inputs": spread.get("ratio"), "compression (random, eps)": random,
+                         "compression (adversarial)": adversarial})
+    return pd.DataFrame(rows)
+
+
+def _analysis_section(records: Sequence[Mapping[str, Any]]) -> list[ExtraSection]:
+    table = analysis_table(records)
     if table.empty:
         return []
+    return [ExtraSection(title="Fixed-randomness analyses: distances, spread and compression",
+                         html=frame_html(table, float_format=lambda v: f"{v:.4g}"), text=ANALYSIS_TEXT)]
+
+
+def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]],
+                    out_dir: str | Path) -> list[ExtraSection]:
+    """The fixed-vs-fresh table (``table`` from :func:`harness.analysis.gains.gain_table`), per eps the
+    compression scatter of the analysis ``records`` (written to ``out_dir/figures``), then the analyses'
+    own numbers (:func:`analysis_table`)."""
+    if table.empty:
+        return _analysis_section(records)
     extra = ["fresh_worst"] if "fresh_worst" in table else []
     shown = table[SETTING_COLUMNS + list(PROTOCOL_COLUMNS.values()) + extra + ["baseline", "gain_fixed",
                                                                                "gain_fresh"]]
@@ -74,7 +127,7 @@ def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]],
                  f"Pearson r = {r:.3f} over {len(points)} settings.",
             images=(path.relative_to(Path(out_dir)).as_posix(),),
             caption="Each point is one defense setting."))
-    return sections
+    return sections + _analysis_section(records)
 
 
 def randomness_sections(engine: Engine, cells: pd.DataFrame, out_dir: Path,
@@ -83,6 +136,6 @@ def randomness_sections(engine: Engine, cells: pd.DataFrame, out_dir: Path,
     analysis records (of ``harness analyse fixed-randomness``) in the same store; gains against the
     ``baselines`` (defense names)."""
     if cells.empty:
-        return []
+        return _analysis_section(load_records(engine))
     table = gain_table(cells, baselines, worst_of_n=worst_of_n_accuracy(engine))
     return report_sections(table, load_records(engine), out_dir)
