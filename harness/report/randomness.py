@@ -124,7 +124,8 @@ def report_sections(table: pd.DataFrame, records: Sequence[Mapping[str, Any]],
             title=f"Compression rate vs robust gain (fixed randomness, eps {eps_text})",
             text=f"l_inf compression of random perturbations at radius {eps_text} with the purifier's noise "
                  f"fixed, against the robust gain under the adaptive fixed-randomness attack at the same eps; "
-                 f"Pearson r = {r:.3f} over {len(points)} settings.",
+                 + (f"Pearson r = {r:.3f} over {len(points)} settings." if not math.isnan(r) else
+                    f"Pearson r needs two or more settings with varied values ({len(points)} here)."),
             images=(path.relative_to(Path(out_dir)).as_posix(),),
             caption="Each point is one defense setting."))
     return sections + _analysis_section(records)
