@@ -28,7 +28,7 @@ from harness.evaluation.protocols import AdaptiveFixed, protocol_registry
 from harness.results.queries import eot_sample_extras, load_analyses, save_analysis
 
 __all__ = ["PROTOCOL_COLUMNS", "SETTING_COLUMNS", "ANALYSIS_KIND", "ScatterPoint", "gain_table",
-           "worst_of_n_accuracy", "save_record", "load_records", "scatter_points", "pearson_r"]
+           "worst_of_n_accuracy", "save_record", "load_records", "random_compression", "scatter_points", "pearson_r"]
 
 ANALYSIS_KIND = "fixed-randomness"
 
@@ -130,6 +130,13 @@ class ScatterPoint:
     gain: float
 
 
+def random_compression(record: Mapping[str, Any], norm: str, radius: float) -> float | None:
+    """The compression rate of random ``norm`` perturbations at ``radius`` in an analysis ``record``
+    (``None`` where that radius was not measured)."""
+    return next((c["compression"] for c in record.get("compression") or ()
+                 if c["kind"] == "random" and c["norm"] == norm and math.isclose(c["radius"], radius)), None)
+
+
 def scatter_points(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], *, norm: str = "linf",
                    eps_text: str = "8/255", gain: str = "gain_fixed") -> list[ScatterPoint]:
     """Join analysis records with the ``table`` rows of attack budget ``eps_text``: the compression rate
@@ -139,15 +146,14 @@ def scatter_points(table: pd.DataFrame, records: Sequence[Mapping[str, Any]], *,
     points = []
     for item in records:
         meta = item["meta"]
-        rates = [c["compression"] for c in item["record"]["compression"]
-                 if c["kind"] == "random" and c["norm"] == norm and math.isclose(c["radius"], radius)]
+        rate = random_compression(item["record"], norm, radius)
         options = dict(meta.get("options") or {})
         same = [(row["defense"], row["dataset"], row["preset"]) == (meta["defense"], meta["dataset"], meta["preset"])
                 and _options_of(row["defense_options"]) == options for _, row in table.iterrows()]
         rows = table[same]
-        if rates and not rows.empty and not pd.isna(rows[gain].iloc[0]):
+        if rate is not None and not rows.empty and not pd.isna(rows[gain].iloc[0]):
             label = meta["defense"] + "".join(f" {k}={v}" for k, v in sorted(options.items()))
-            points.append(ScatterPoint(label, float(rates[0]), float(rows[gain].iloc[0])))
+            points.append(ScatterPoint(label, float(rate), float(rows[gain].iloc[0])))
     return points
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from harness.analysis.gains import (PROTOCOL_COLUMNS, SETTING_COLUMNS, ScatterPoint, gain_table, load_records,
-                                    pearson_r, scatter_points, worst_of_n_accuracy)
+                                    pearson_r, random_compression, scatter_points, worst_of_n_accuracy)
 from harness.core.threat import Epsilon
 from harness.report.figures import plt, save_figure
 from harness.report.frame import safe_stem
@@ -75,10 +75,8 @@ def analysis_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         options = ",".join(f"{k}={v}" for k, v in sorted((meta.get("options") or {}).items()))
         for norm in norms:
             distance, spread = _by_norm(record.get("distances"), norm), _by_norm(record.get("spread"), norm)
-            compression = [c for c in record.get("compression") or () if c.get("norm") == norm]
-            random = next((c["compression"] for c in compression
-                           if c.get("kind") == "random" and math.isclose(c.get("radius", -1), radius)), None)
-            adversarial = next((c["compression"] for c in compression if c.get("kind") == "adversarial"), None)
+            adversarial = next((c["compression"] for c in record.get("compression") or ()
+                                if c["norm"] == norm and c["kind"] == "adversarial"), None)
             farther = distance.get("farther")
             rows.append({"defense": meta.get("defense"), "preset": meta.get("preset"), "options": options,
                          "dataset": meta.get("dataset"), "n": record.get("n"), "eps": record.get("eps"),
@@ -87,7 +85,8 @@ def analysis_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                          "purified clean": distance.get("purified_clean"),
                          "farther": "–" if farther is None else "yes" if farther else "no",
                          "spread: seeds": spread.get("across_seeds"), "spread: inputs": spread.get("across_inputs"),
-                         "seeds / inputs": spread.get("ratio"), "compression (random, eps)": random,
+                         "seeds / inputs": spread.get("ratio"),
+                         "compression (random, eps)": random_compression(record, norm, radius),
                          "compression (adversarial)": adversarial})
     return pd.DataFrame(rows)
 
